@@ -1,0 +1,1 @@
+"""Internal modules of orbiter; the names the reference API documents live here."""

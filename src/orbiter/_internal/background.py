@@ -1,0 +1,361 @@
+"""Background task handler with hot-merge and wake-up-merge patterns, durable on SQLite.
+
+Manages long-running background tasks that produce results asynchronously. Results are
+merged into the running execution (hot-merge) or queued for later retrieval (wake-up-merge)
+when the main task has already completed. With ``database=`` the tasks and the pending
+queue live in a SQLite file: every state change is committed when the call returns, so
+queued results survive crashes and restarts. With ``database=None`` (the default) the
+handler keeps everything in memory, exactly like the reference module.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, Self
+
+from orbiter._internal.state import RunNodeStatus, RunState
+from orbiter._internal.task import BackgroundTask, MergeMode
+from orbiter.errors import BackgroundTaskError, InvalidValueError
+from orbiter.store import TaskStore
+from orbiter.store.codec import Codec, JsonCodec
+from orbiter.store.memory import MemoryStore
+
+__all__ = [
+    "BackgroundTask",
+    "BackgroundTaskError",
+    "BackgroundTaskHandler",
+    "MergeMode",
+    "PendingQueue",
+]
+
+logger = logging.getLogger(__name__)
+
+MergeCallback = Callable[[BackgroundTask, MergeMode], Awaitable[None] | None]
+
+#: Default cap on one encoded payload or result (see ``max_value_bytes``).
+DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
+
+
+def _check_id(value: object, name: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidValueError(f"{name} must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidValueError(f"{name} must not be empty")
+    return value
+
+
+class PendingQueue:
+    """Thread-safe queue for background results awaiting merge.
+
+    Used in the wake-up-merge pattern: when the main task has already completed,
+    background results are queued here for later retrieval and re-processing. A queue
+    made with ``PendingQueue()`` lives in memory; ``handler.pending_queue`` of a durable
+    handler is the file's queue, and its ``push``/``pop_all`` are committed on return.
+    """
+
+    def __init__(self) -> None:
+        self._store: TaskStore = MemoryStore()
+
+    @classmethod
+    def _of(cls, store: TaskStore) -> PendingQueue:
+        """The queue view of ``store`` (used by the handler)."""
+        queue = cls.__new__(cls)
+        queue._store = store
+        return queue
+
+    def push(self, task: BackgroundTask) -> None:
+        """Add a completed task to the pending queue. Signals any waiters."""
+        if not isinstance(task, BackgroundTask):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise InvalidValueError(f"push() takes a BackgroundTask, not {type(task).__name__}")
+        self._store.push_pending(task)
+
+    def pop_all(self) -> list[BackgroundTask]:
+        """Remove and return all pending tasks, in the order they were queued."""
+        return self._store.pop_all_pending()
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Wait until at least one item is available.
+
+        Args:
+            timeout: Max seconds to wait, or None for no timeout.
+
+        Returns:
+            True if items are available, False on timeout.
+        """
+        if timeout is not None:
+            if isinstance(timeout, bool) or not isinstance(timeout, int | float):
+                raise InvalidValueError(
+                    f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
+                )
+            if math.isnan(timeout) or timeout < 0:
+                raise InvalidValueError(f"timeout must be >= 0 seconds, not {timeout!r}")
+        return await self._store.wait_pending(timeout)
+
+    @property
+    def size(self) -> int:
+        """Number of pending items."""
+        return self._store.pending_count()
+
+    @property
+    def empty(self) -> bool:
+        """Whether the queue has no pending items."""
+        return self.size == 0
+
+
+class BackgroundTaskHandler:
+    """Manages background tasks with hot-merge and wake-up-merge patterns.
+
+    **Hot-merge**: when the main task is still running and a background task completes,
+    the result is merged directly into the active execution state (``on_merge``
+    callbacks run with ``MergeMode.HOT``).
+
+    **Wake-up-merge**: when the main task has already completed (or paused), background
+    results are queued in a :class:`PendingQueue`; ``drain_pending()`` yields them when a
+    checkpoint is restored, running the callbacks with ``MergeMode.WAKEUP``.
+
+    Args:
+        state: Optional ``RunState`` for tracking background task nodes.
+        database: A SQLite file path or a SQLAlchemy URL (``sqlite+aiosqlite:///...``);
+            None keeps everything in memory.
+        synchronous: ``"FULL"`` (default: a returned call survives power loss) or
+            ``"NORMAL"`` (survives a process crash; faster, as commits skip the fsync).
+        auto_migrate: Upgrade an older schema at open (default); False refuses instead,
+            naming the command to run. A newer schema is always refused.
+        busy_timeout: Seconds to wait for another process holding the write lock.
+        codec: Encodes payloads and results as JSON text (default: strict JSON).
+        max_value_bytes: Largest encoded payload or result accepted.
+        poll_interval: How often ``pending_queue.wait()`` looks for results that other
+            processes queued, in seconds.
+
+    Raises:
+        DatabaseError: the database cannot be opened (the message says why).
+        SchemaError: its schema is newer, foreign, or older with ``auto_migrate=False``.
+    """
+
+    def __init__(
+        self,
+        state: RunState | None = None,
+        *,
+        database: str | os.PathLike[str] | None = None,
+        synchronous: str = "FULL",
+        auto_migrate: bool = True,
+        busy_timeout: float = 30.0,
+        codec: Codec | None = None,
+        max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+        poll_interval: float = 0.05,
+    ) -> None:
+        if state is not None and not isinstance(state, RunState):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise InvalidValueError(f"state must be a RunState or None, not {type(state).__name__}")
+        if not isinstance(max_value_bytes, int) or max_value_bytes < 1:
+            raise InvalidValueError(
+                f"max_value_bytes must be a positive int, not {max_value_bytes!r}"
+            )
+        if not poll_interval > 0:
+            raise InvalidValueError(f"poll_interval must be > 0 seconds, not {poll_interval!r}")
+        self._state = state
+        self._merge_callbacks: list[MergeCallback] = []
+        self._store: TaskStore
+        if database is None:
+            self._store = MemoryStore()
+        else:
+            from orbiter.store.engine import Synchronous, resolve_database
+            from orbiter.store.sql_store import SqlStore
+
+            level: Synchronous
+            if isinstance(synchronous, str) and synchronous.upper() == "FULL":
+                level = "FULL"
+            elif isinstance(synchronous, str) and synchronous.upper() == "NORMAL":
+                level = "NORMAL"
+            else:
+                raise InvalidValueError(
+                    f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}"
+                )
+            self._store = SqlStore(
+                resolve_database(database),
+                synchronous=level,
+                busy_timeout=busy_timeout,
+                auto_migrate=auto_migrate,
+                codec=codec or JsonCodec(),
+                max_value_bytes=max_value_bytes,
+                poll_interval=poll_interval,
+            )
+        self._pending = PendingQueue._of(self._store)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Finish queued writes and release the database. Safe to call twice."""
+        await self._store.aclose()
+
+    def close(self) -> None:
+        """Synchronous form of :meth:`aclose`."""
+        self._store.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the reference API -------------------------------------------------------------
+
+    def submit(
+        self,
+        task_id: str,
+        parent_task_id: str,
+        *,
+        payload: Any = None,
+    ) -> BackgroundTask:
+        """Register a new background task.
+
+        Creates a BackgroundTask, marks it as started, and optionally creates a tracking
+        RunNode in the state. Durable handlers have committed the task on return.
+
+        Returns:
+            The created ``BackgroundTask``.
+
+        Raises:
+            BackgroundTaskError: If a task with this ID already exists (here or in the
+                file), or an argument is invalid (nothing is written then).
+        """
+        _check_id(task_id, "task_id")
+        _check_id(parent_task_id, "parent_task_id")
+        task = BackgroundTask(task_id, parent_task_id, payload=payload)
+        task.start()
+        self._store.add(task)
+        logger.debug("background task %r submitted (parent %r)", task_id, parent_task_id)
+        if self._state is not None:
+            self._state.new_node(agent_name=f"bg:{task_id}").start()
+        return task
+
+    async def handle_result(
+        self,
+        task_id: str,
+        result: Any,
+        *,
+        is_main_running: bool = True,
+    ) -> MergeMode:
+        """Handle a background task's completion.
+
+        Routes to hot-merge (``on_merge`` callbacks run now) or wake-up-merge (the result
+        is queued; callbacks run when it is drained) based on whether the main task is
+        still running. Durable handlers have committed the result (and its queue entry)
+        before the callbacks run.
+
+        Returns:
+            The ``MergeMode`` that was applied.
+
+        Raises:
+            BackgroundTaskError: If the task ID is not found, the task already completed,
+                or the result cannot be stored (nothing is written then).
+        """
+        _check_id(task_id, "task_id")
+        mode = MergeMode.HOT if is_main_running else MergeMode.WAKEUP
+        task = await self._store.complete(task_id, result, mode)
+        logger.debug("background task %r completed: %s merge", task_id, mode.value)
+        if self._state is not None and (node := self._state.find_node(f"bg:{task_id}")):
+            node.succeed()
+        if mode is MergeMode.HOT:
+            await self._notify_merge(task, mode)
+        return mode
+
+    def handle_error(self, task_id: str, error: str) -> None:
+        """Record a background task failure.
+
+        Raises:
+            BackgroundTaskError: If the task ID is not found or the task already completed.
+        """
+        _check_id(task_id, "task_id")
+        if not isinstance(error, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise InvalidValueError(f"error must be a str, not {type(error).__name__}")
+        self._store.fail(task_id, error)
+        logger.warning("background task %r failed: %s", task_id, error)
+        if self._state is not None and (node := self._state.find_node(f"bg:{task_id}")):
+            node.fail(error)
+
+    async def drain_pending(self) -> AsyncIterator[BackgroundTask]:
+        """Yield all pending background tasks (wake-up-merge pattern).
+
+        Used when restoring from a checkpoint to process any background results that
+        arrived while the main task was paused. Items come in enqueue order; each one's
+        ``on_merge`` callbacks run (``MergeMode.WAKEUP``) just before it is yielded.
+
+        An item leaves the queue when the consumer asks for the next one. If the process
+        dies, or the consumer's loop raises or breaks, while it holds item *k*, the next
+        drain yields *k* again and everything after it, never anything before: delivery
+        is at-least-once for the item in hand, so merge idempotently by ``task_id``.
+
+        Yields:
+            Each pending BackgroundTask with its result.
+        """
+        async for task in self._store.iter_pending():
+            await self._notify_merge(task, MergeMode.WAKEUP)
+            yield task
+
+    def on_merge(self, callback: Any) -> None:
+        """Register a callback for merge events.
+
+        The callback is called with ``(task, merge_mode)`` whenever a background result is
+        merged (hot, or wake-up when drained). An async callable is awaited; a plain one is
+        called. A failing callback is logged and the others still run.
+        """
+        if not callable(callback):
+            raise InvalidValueError(f"on_merge() takes a callable, not {type(callback).__name__}")
+        self._merge_callbacks.append(callback)
+
+    def get_task(self, task_id: str) -> BackgroundTask | None:
+        """Retrieve a background task by ID; None if not found."""
+        _check_id(task_id, "task_id")
+        return self._store.get(task_id)
+
+    def list_tasks(self, *, status: RunNodeStatus | None = None) -> list[BackgroundTask]:
+        """List background tasks in submission order, optionally filtered by status."""
+        if status is not None and not isinstance(status, RunNodeStatus):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise InvalidValueError(
+                f"status must be a RunNodeStatus or None, not {status!r} "
+                f"({type(status).__name__}); e.g. RunNodeStatus.RUNNING"
+            )
+        return self._store.list_tasks(status)
+
+    @property
+    def pending_queue(self) -> PendingQueue:
+        """Access the pending queue for wake-up-merge tasks."""
+        return self._pending
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _notify_merge(self, task: BackgroundTask, mode: MergeMode) -> None:
+        """Run every merge callback; a failing one is logged and the rest still run."""
+        for callback in list(self._merge_callbacks):
+            try:
+                outcome = callback(task, mode)
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:
+                logger.exception(
+                    "merge callback %r failed for background task %r (%s merge)",
+                    callback,
+                    task.task_id,
+                    mode.value,
+                )

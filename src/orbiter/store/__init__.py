@@ -1,0 +1,75 @@
+"""Where tasks and the pending queue live: the store interface and the factory.
+
+The handler (``orbiter._internal.background``) holds the reference API's logic and talks
+to a :class:`TaskStore`; only the store knows how tasks are kept. Two stores exist:
+:class:`~orbiter.store.memory.MemoryStore` (``database=None``, the reference behaviour)
+and :class:`~orbiter.store.sql_store.SqlStore` (a SQLite file, durable on return).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from orbiter._internal.signal import Signal
+from orbiter._internal.state import RunNodeStatus
+from orbiter._internal.task import BackgroundTask, MergeMode
+
+__all__ = ["TaskStore"]
+
+
+class TaskStore(Protocol):
+    """Keeps tasks and the pending queue. Every method that changes state is durable on
+    return for a durable store; errors are :class:`~orbiter.errors.BackgroundTaskError`."""
+
+    #: Notified whenever a wake-up result is queued through this store.
+    pending_signal: Signal
+
+    def add(self, task: BackgroundTask) -> None:
+        """Store a new RUNNING task; raise ``DuplicateTaskError`` if the id exists."""
+        ...
+
+    async def complete(self, task_id: str, result: Any, mode: MergeMode) -> BackgroundTask:
+        """Record the task's result (queueing it when ``mode`` is WAKEUP); return the task."""
+        ...
+
+    def fail(self, task_id: str, error: str) -> BackgroundTask:
+        """Record the task's failure; return the task."""
+        ...
+
+    def get(self, task_id: str) -> BackgroundTask | None:
+        """Return the task, or None."""
+        ...
+
+    def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
+        """Return the tasks in submission order, optionally only those with ``status``."""
+        ...
+
+    def push_pending(self, task: BackgroundTask) -> None:
+        """Queue a completed task for a wake-up merge."""
+        ...
+
+    def pop_all_pending(self) -> list[BackgroundTask]:
+        """Remove and return every queued task, in enqueue order."""
+        ...
+
+    def pending_count(self) -> int:
+        """Number of queued tasks."""
+        ...
+
+    def iter_pending(self) -> AsyncIterator[BackgroundTask]:
+        """Yield queued tasks in enqueue order; each is removed when the consumer asks
+        for the next one (so the item in hand survives a crash or an exception)."""
+        ...
+
+    async def wait_pending(self, timeout: float | None) -> bool:
+        """Wait until at least one task is queued; False on timeout."""
+        ...
+
+    def close(self) -> None:
+        """Release the store's resources; later calls raise ``HandlerClosedError``."""
+        ...
+
+    async def aclose(self) -> None:
+        """Async form of :meth:`close` (does not block the event loop)."""
+        ...

@@ -1,0 +1,214 @@
+"""Engine setup in one place: from a path or URL to a configured SQLAlchemy engine.
+
+SQLite connections get WAL journaling, the chosen ``synchronous`` level, a busy timeout
+and foreign keys; transactions are begun explicitly by the store (``BEGIN IMMEDIATE`` for
+writes), so the driver's own implicit transactions are switched off.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool
+
+from orbiter.errors import DatabaseError, InvalidValueError
+
+__all__ = [
+    "ENV_VAR",
+    "DatabaseTarget",
+    "Synchronous",
+    "configure_sqlite_engine",
+    "create_sync_engine",
+    "resolve_database",
+    "run_pragma",
+]
+
+#: Environment variable naming the database for the CLI and for ``alembic``.
+ENV_VAR = "ORBITER_BG_DATABASE"
+
+Synchronous = Literal["FULL", "NORMAL"]
+
+#: Oldest SQLite with everything the store uses (``RETURNING`` arrived in 3.35).
+MIN_SQLITE_VERSION = (3, 35, 0)
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+@dataclass(frozen=True)
+class DatabaseTarget:
+    """A resolved database: the synchronous SQLAlchemy URL, and the file for SQLite."""
+
+    url: URL
+    path: Path | None  # the SQLite file; None for other dialects
+
+    @property
+    def async_url(self) -> URL:
+        """The same database through the async driver (aiosqlite for SQLite)."""
+        if self.url.get_backend_name() == "sqlite":
+            return self.url.set(drivername="sqlite+aiosqlite")
+        return self.url
+
+    def describe(self) -> str:
+        """A short, password-free name for messages."""
+        if self.path is not None:
+            return str(self.path)
+        return self.url.render_as_string(hide_password=True)
+
+
+def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
+    """Turn a filesystem path or SQLAlchemy URL into a :class:`DatabaseTarget`.
+
+    Raises:
+        InvalidValueError: if ``database`` is neither a path nor a URL we support.
+    """
+    if isinstance(database, os.PathLike):
+        database = os.fspath(database)
+    if not isinstance(database, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise InvalidValueError(
+            f"database must be a path or a SQLAlchemy URL string, not {type(database).__name__}"
+        )
+    if not database.strip():
+        raise InvalidValueError("database must not be empty")
+    if "://" not in database:
+        path = Path(database).expanduser().resolve()
+        return DatabaseTarget(URL.create("sqlite+pysqlite", database=str(path)), path)
+    try:
+        url = make_url(database)
+    except ArgumentError as exc:
+        raise InvalidValueError(f"database {database!r} is not a valid URL: {exc}") from exc
+    if url.get_backend_name() != "sqlite":
+        raise InvalidValueError(
+            f"database URL {url.render_as_string(hide_password=True)!r}: only SQLite "
+            "(sqlite:/// or sqlite+aiosqlite:///) is supported by this version"
+        )
+    name = url.database or ""
+    if name in ("", ":memory:") or name.startswith("file:") or url.query.get("mode") == "memory":
+        raise InvalidValueError(
+            "an in-memory SQLite database is not durable; pass database=None for the "
+            "in-memory handler, or a file path"
+        )
+    path = Path(name).expanduser().resolve()
+    return DatabaseTarget(url.set(drivername="sqlite+pysqlite", database=str(path)), path)
+
+
+def check_sqlite_file(path: Path) -> bool:
+    """Check that ``path`` can hold our database, without changing anything.
+
+    Returns:
+        True if the file exists and has content, False if it is new (or empty).
+
+    Raises:
+        DatabaseError: naming the problem (missing directory, a directory, read-only,
+        not a SQLite file).
+    """
+    if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+        raise DatabaseError(
+            f"SQLite {sqlite3.sqlite_version} is too old; orbiter-background needs "
+            f"{'.'.join(map(str, MIN_SQLITE_VERSION))} or newer (for RETURNING)"
+        )
+    directory = path.parent
+    if not directory.is_dir():
+        raise DatabaseError(f"cannot open database {path}: directory {directory} does not exist")
+    if path.is_dir():
+        raise DatabaseError(f"cannot open database {path}: it is a directory")
+    if not _writable(directory):
+        raise DatabaseError(
+            f"cannot open database {path}: directory {directory} is read-only "
+            "(SQLite needs to create its -wal and -shm files beside the database)"
+        )
+    if not path.exists():
+        return False
+    if not _writable(path):
+        raise DatabaseError(f"cannot open database {path}: the file is read-only")
+    with path.open("rb") as file:
+        header = file.read(len(_SQLITE_HEADER))
+    if not header:
+        return False
+    if header != _SQLITE_HEADER:
+        raise DatabaseError(f"cannot open database {path}: the file is not a SQLite database")
+    return True
+
+
+def create_private_file(path: Path) -> None:
+    """Create an empty database file readable only by its owner (results may hold secrets)."""
+    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    os.close(fd)
+
+
+def _writable(path: Path) -> bool:
+    """Writable for us; a file or directory with no write bit at all counts as read-only
+    even for root, who would otherwise ignore the mode."""
+    mode = path.stat().st_mode
+    return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def configure_sqlite_engine(
+    engine: Engine, *, synchronous: Synchronous = "FULL", busy_timeout: float = 30.0
+) -> None:
+    """Install the connection setup on ``engine`` (sync, or an async engine's ``sync_engine``).
+
+    Each new connection gets WAL, ``synchronous``, ``busy_timeout`` and foreign keys, and
+    runs in the driver's autocommit mode; SQLAlchemy's ``begin()`` then emits the real
+    ``BEGIN`` (``BEGIN IMMEDIATE`` unless ``connection.info["begin"]`` says otherwise),
+    so DDL is transactional and writers queue on SQLite's lock (waiting up to
+    ``busy_timeout``) instead of failing with "database is locked" on a lock upgrade.
+    """
+    if synchronous not in ("FULL", "NORMAL"):
+        raise InvalidValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
+    pragmas = (
+        f"PRAGMA busy_timeout={int(busy_timeout * 1000)}",
+        "PRAGMA journal_mode=WAL",
+        f"PRAGMA synchronous={synchronous}",
+        "PRAGMA foreign_keys=ON",
+    )
+
+    @event.listens_for(engine, "connect")
+    def _configure(dbapi_connection: Any, _record: Any) -> None:  # pyright: ignore[reportUnusedFunction]
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            for pragma in pragmas:
+                cursor.execute(pragma)
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:  # pyright: ignore[reportUnusedFunction]
+        connection.exec_driver_sql(connection.info.get("begin", "BEGIN IMMEDIATE"))
+
+
+def create_sync_engine(
+    target: DatabaseTarget, *, synchronous: Synchronous = "FULL", busy_timeout: float = 30.0
+) -> Engine:
+    """A synchronous engine for ``target``, configured by :func:`configure_sqlite_engine`."""
+    if busy_timeout < 0:
+        raise InvalidValueError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+    engine = create_engine(
+        target.url,
+        poolclass=NullPool,
+        connect_args={"timeout": busy_timeout, "check_same_thread": False},
+    )
+    configure_sqlite_engine(engine, synchronous=synchronous, busy_timeout=busy_timeout)
+    return engine
+
+
+def run_pragma(connection: Connection, pragma: str) -> list[Any]:
+    """Run a PRAGMA on the driver connection, outside any transaction.
+
+    (``Connection.exec_driver_sql`` would auto-begin a transaction first, and pragmas such
+    as ``foreign_keys`` and ``synchronous`` are no-ops or errors inside one.)
+    """
+    dbapi_connection: Any = connection.connection.dbapi_connection
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(pragma)
+        return list(cursor.fetchall())
+    finally:
+        cursor.close()

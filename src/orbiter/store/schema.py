@@ -1,0 +1,84 @@
+"""The one description of the tables: shared by SQLite and PostgreSQL, and by the migrations.
+
+Stored form (what a person sees with the ``sqlite3`` CLI):
+
+* ``status`` and ``merge_mode`` hold the enum string values (``running``, ``hot``, ...).
+* ``payload`` and ``result`` hold JSON text, so ``json_extract(result, '$.k')`` works.
+  ``result`` is NULL until the task succeeds (a ``None`` result is the JSON text ``null``).
+* ``created_at`` / ``updated_at`` / ``enqueued_at`` are UTC text in the form
+  ``YYYY-MM-DD HH:MM:SS.ffffff`` (see :func:`orbiter.store.codec.utc_now_text`), which
+  SQLite's date functions read and which sorts in time order.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+__all__ = [
+    "HEAD_REVISION",
+    "KNOWN_REVISIONS",
+    "background_tasks",
+    "metadata",
+    "pending_queue",
+]
+
+#: Alembic revisions this code knows, oldest first; the last one is the schema it needs.
+#: ``tests/test_migrations.py`` checks these against ``migrations/versions``.
+KNOWN_REVISIONS: tuple[str, ...] = ("0001",)
+HEAD_REVISION: str = KNOWN_REVISIONS[-1]
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_STATUSES = "'init', 'running', 'success', 'failed', 'timeout'"
+_MERGE_MODES = "'hot', 'wakeup'"
+
+background_tasks = Table(
+    "background_tasks",
+    metadata,
+    Column("task_id", String, primary_key=True),
+    Column("parent_task_id", String, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("merge_mode", String(16), nullable=True),
+    Column("payload", Text, nullable=False),
+    Column("result", Text, nullable=True),
+    Column("error", Text, nullable=True),
+    Column("created_at", String(26), nullable=False),
+    Column("updated_at", String(26), nullable=False),
+    CheckConstraint(f"status IN ({_STATUSES})", name="status"),
+    CheckConstraint(f"merge_mode IS NULL OR merge_mode IN ({_MERGE_MODES})", name="merge_mode"),
+    Index(None, "parent_task_id"),
+    Index(None, "status", "created_at"),
+)
+
+pending_queue = Table(
+    "pending_queue",
+    metadata,
+    # Enqueue order: a drain yields rows by ascending seq.
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "task_id",
+        String,
+        ForeignKey("background_tasks.task_id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,
+    ),
+    Column("enqueued_at", String(26), nullable=False),
+)

@@ -1,0 +1,339 @@
+"""The durable store: tasks and the pending queue in a SQLite file.
+
+Every state change runs on the :class:`~orbiter.store.worker.CommitWorker` and is
+committed before the call returns. Task objects handed to callers are kept in a weak
+identity map, so the object ``submit``/``get_task`` returned reflects this handler's later
+``handle_result``/``handle_error`` calls, while finished tasks nobody holds cost no memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+from sqlalchemy import Connection, Row
+from sqlalchemy import exc as sa_exc
+
+from orbiter._internal.signal import Signal
+from orbiter._internal.state import RunNodeStatus
+from orbiter._internal.task import BackgroundTask, MergeMode
+from orbiter.errors import (
+    BackgroundTaskError,
+    DatabaseError,
+    DatabaseLockedError,
+    DuplicateTaskError,
+    TaskAlreadyCompletedError,
+    TaskNotFoundError,
+)
+from orbiter.migrate import ensure_schema
+from orbiter.store import queries
+from orbiter.store.codec import Codec, encode_value, utc_now_text
+from orbiter.store.engine import (
+    DatabaseTarget,
+    Synchronous,
+    check_sqlite_file,
+    create_private_file,
+    create_sync_engine,
+)
+from orbiter.store.worker import CommitWorker
+
+__all__ = ["SqlStore"]
+
+logger = logging.getLogger(__name__)
+
+#: Rows a drain reads per query: bounds its memory whatever the queue's length.
+DRAIN_BATCH = 500
+
+#: A task row as the queries return it (see ``queries.TASK_COLUMNS``).
+TaskRow = Sequence[Any]
+
+
+class SqlStore:
+    """Tasks and pending results in a SQLite file, durable when each call returns.
+
+    Args:
+        target: The database (see :func:`~orbiter.store.engine.resolve_database`).
+        synchronous: ``"FULL"`` (power-loss safe) or ``"NORMAL"`` (process-crash safe).
+        busy_timeout: Seconds to wait for another process's write lock.
+        auto_migrate: Upgrade an older schema at open instead of refusing it.
+        codec: Encodes payloads and results as JSON text.
+        max_value_bytes: Largest encoded payload or result accepted.
+        poll_interval: Seconds between checks for results queued by other processes
+            while ``PendingQueue.wait`` waits.
+    """
+
+    def __init__(
+        self,
+        target: DatabaseTarget,
+        *,
+        synchronous: Synchronous,
+        busy_timeout: float,
+        auto_migrate: bool,
+        codec: Codec,
+        max_value_bytes: int,
+        poll_interval: float,
+    ) -> None:
+        self.pending_signal = Signal()
+        self._target = target
+        self._where = target.describe()
+        self._codec = codec
+        self._max_value_bytes = max_value_bytes
+        self._poll_interval = poll_interval
+        self._tasks: weakref.WeakValueDictionary[str, BackgroundTask] = (
+            weakref.WeakValueDictionary()
+        )
+        fresh = target.path is not None and not check_sqlite_file(target.path)
+        if fresh and target.path is not None and not target.path.exists():
+            create_private_file(target.path)
+        engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
+        try:
+            with engine.connect() as connection:
+                ensure_schema(connection, self._where, auto_migrate=auto_migrate)
+        except Exception as exc:
+            engine.dispose()
+            translated = self._translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+        self._worker = CommitWorker(
+            engine, translate=self._translate, synchronous=synchronous, name="orbiter-bg-commit"
+        )
+
+    # -- opening and errors --------------------------------------------------------
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """Map a driver error to a :class:`DatabaseError` that names the file and problem."""
+        if isinstance(exc, BackgroundTaskError):
+            return exc
+        original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+        if not isinstance(original, sqlite3.Error):
+            return exc
+        message = str(original)
+        lowered = message.lower()
+        if "locked" in lowered or "busy" in lowered:
+            return DatabaseLockedError(
+                f"{self._where}: the database stayed locked by another connection longer "
+                f"than busy_timeout ({message})"
+            )
+        if "full" in lowered:
+            return DatabaseError(
+                f"{self._where}: the database or disk is full ({message}); the call changed "
+                "nothing, and earlier results are intact"
+            )
+        if "malformed" in lowered or "not a database" in lowered:
+            return DatabaseError(
+                f"{self._where}: the file is corrupt or not a SQLite database ({message})"
+            )
+        if "readonly" in lowered or "read-only" in lowered:
+            return DatabaseError(f"{self._where}: the database is read-only ({message})")
+        if "unable to open" in lowered:
+            return DatabaseError(f"{self._where}: cannot open the database ({message})")
+        return DatabaseError(f"{self._where}: {message}")
+
+    # -- rows to tasks -------------------------------------------------------------
+
+    def _task_from_row(self, row: TaskRow) -> BackgroundTask:
+        task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
+        task = self._tasks.get(task_id)
+        if task is not None and task.status == status:
+            return task  # this handler made the change; the object is up to date
+        if task is None:
+            task = BackgroundTask(task_id, parent_task_id, payload=self._codec.loads(payload))
+            self._tasks[task_id] = task
+        task.status = RunNodeStatus(status)
+        task.merge_mode = MergeMode(merge_mode) if merge_mode is not None else None
+        task.result = self._codec.loads(result) if result is not None else None
+        task.error = error
+        return task
+
+    def _encode(self, value: Any, what: str) -> str:
+        return encode_value(self._codec, value, what, self._max_value_bytes)
+
+    # -- TaskStore -----------------------------------------------------------------
+
+    def add(self, task: BackgroundTask) -> None:
+        params = {
+            "task_id": task.task_id,
+            "parent_task_id": task.parent_task_id,
+            "status": task.status.value,
+            "payload": self._encode(task.payload, "payload"),
+            "now": utc_now_text(),
+        }
+
+        def insert(connection: Connection) -> None:
+            if connection.execute(queries.insert_task(), params).rowcount == 0:
+                raise DuplicateTaskError(task.task_id)
+
+        self._worker.call(insert)
+        self._tasks[task.task_id] = task
+
+    def _finish_op(
+        self, task_id: str, statement: Any, params: dict[str, Any], enqueue: bool
+    ) -> Any:
+        def finish(connection: Connection) -> TaskRow:
+            row = connection.execute(statement, params).first()
+            if row is None:
+                status = connection.execute(queries.task_status(), {"id": task_id}).scalar()
+                if status is None:
+                    raise TaskNotFoundError(task_id)
+                raise TaskAlreadyCompletedError(task_id, status)
+            if enqueue:
+                connection.execute(queries.enqueue(), {"task_id": task_id, "now": params["now"]})
+            return tuple(row)
+
+        return finish
+
+    def _held_task(self, task_id: str, row: TaskRow) -> BackgroundTask:
+        task = self._tasks.get(task_id)
+        if task is None:
+            parent_task_id, payload = row[0], row[1]
+            task = BackgroundTask(task_id, parent_task_id, payload=self._codec.loads(payload))
+            self._tasks[task_id] = task
+        return task
+
+    async def complete(self, task_id: str, result: Any, mode: MergeMode) -> BackgroundTask:
+        params = {
+            "id": task_id,
+            "result": self._encode(result, "result"),
+            "merge_mode": mode.value,
+            "now": utc_now_text(),
+        }
+        operation = self._finish_op(
+            task_id, queries.complete_task(), params, enqueue=mode is MergeMode.WAKEUP
+        )
+        row = await self._worker.acall(operation)
+        task = self._held_task(task_id, row)
+        task.complete(result)
+        task.merge_mode = mode
+        if mode is MergeMode.WAKEUP:
+            self.pending_signal.notify()
+        return task
+
+    def fail(self, task_id: str, error: str) -> BackgroundTask:
+        params = {"id": task_id, "error": error, "now": utc_now_text()}
+        row = self._worker.call(self._finish_op(task_id, queries.fail_task(), params, False))
+        task = self._held_task(task_id, row)
+        task.fail(error)
+        return task
+
+    def get(self, task_id: str) -> BackgroundTask | None:
+        row = self._worker.call(
+            lambda connection: connection.execute(queries.select_task(), {"id": task_id}).first(),
+            writes=False,
+        )
+        return None if row is None else self._task_from_row(row)
+
+    def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
+        statement = queries.select_tasks(status is not None)
+        params = {} if status is None else {"status": status.value}
+        rows = self._worker.call(
+            lambda connection: connection.execute(statement, params).all(), writes=False
+        )
+        return [self._task_from_row(row) for row in rows]
+
+    def push_pending(self, task: BackgroundTask) -> None:
+        now = utc_now_text()
+        params = {
+            "task_id": task.task_id,
+            "parent_task_id": task.parent_task_id,
+            "status": task.status.value,
+            "merge_mode": task.merge_mode.value if task.merge_mode is not None else None,
+            "payload": self._encode(task.payload, "payload"),
+            "result": self._encode(task.result, "result") if task.is_complete else None,
+            "error": task.error,
+            "now": now,
+        }
+
+        def push(connection: Connection) -> None:
+            connection.execute(queries.upsert_task(), params)
+            connection.execute(queries.enqueue(), {"task_id": task.task_id, "now": now})
+
+        self._worker.call(push)
+        self._tasks[task.task_id] = task
+        self.pending_signal.notify()
+
+    def pop_all_pending(self) -> list[BackgroundTask]:
+        def pop_all(connection: Connection) -> list[Row[Any]]:
+            upto = connection.execute(queries.max_pending_seq()).scalar()
+            if upto is None:
+                return []
+            rows = connection.execute(
+                queries.pending_batch(), {"after": 0, "upto": upto, "limit": -1}
+            ).all()
+            connection.execute(queries.delete_pending_through(), {"upto": upto})
+            return list(rows)
+
+        rows = self._worker.call(pop_all)
+        return [self._task_from_row(row[1:]) for row in rows]
+
+    def pending_count(self) -> int:
+        count = self._worker.call(
+            lambda connection: connection.execute(queries.count_pending()).scalar_one(),
+            writes=False,
+        )
+        return int(count)
+
+    async def iter_pending(self) -> AsyncIterator[BackgroundTask]:
+        def newest(connection: Connection) -> int | None:
+            return connection.execute(queries.max_pending_seq()).scalar()
+
+        upto = await self._worker.acall(newest, writes=False)
+        if upto is None:
+            return
+        after = 0
+        while True:
+            batch = await self._worker.acall(_read_batch(after, upto), writes=False)
+            if not batch:
+                return
+            for row in batch:
+                yield self._task_from_row(row[1:])
+                # The consumer asked for the next item, so it has merged this one:
+                # remove it before handing out the next (a process-crash-safe commit;
+                # losing it to power loss means a redelivery, never a loss).
+                after = row[0]
+                await self._worker.acall(_acknowledge(after), relaxed=True)
+
+    async def wait_pending(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        has_pending = queries.has_pending()
+        while True:
+            seen = self.pending_signal.version
+            found = await self._worker.acall(
+                lambda connection: connection.execute(has_pending).scalar(), writes=False
+            )
+            if found:
+                return True
+            step = self._poll_interval
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                step = min(step, remaining)
+            await self.pending_signal.wait_for_change(seen, step)
+
+    def close(self) -> None:
+        self._worker.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self._worker.close)
+
+
+def _read_batch(after: int, upto: int) -> Callable[[Connection], list[Row[Any]]]:
+    params = {"after": after, "upto": upto, "limit": DRAIN_BATCH}
+
+    def read(connection: Connection) -> list[Row[Any]]:
+        return list(connection.execute(queries.pending_batch(), params).all())
+
+    return read
+
+
+def _acknowledge(seq: int) -> Callable[[Connection], None]:
+    def acknowledge(connection: Connection) -> None:
+        connection.execute(queries.delete_pending_item(), {"seq": seq})
+
+    return acknowledge
