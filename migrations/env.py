@@ -20,6 +20,7 @@ from orbiter.store.engine import (
     check_sqlite_file,
     configure_sqlite_engine,
     create_private_file,
+    enable_wal,
     resolve_database,
     run_pragma,
 )
@@ -67,6 +68,7 @@ async def run_async_migrations() -> None:
             await connection.run_sync(run_pragma, "PRAGMA foreign_keys=OFF")
             async with connection.begin():
                 await connection.run_sync(run_migrations)
+            await connection.run_sync(enable_wal)
     finally:
         await engine.dispose()
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, text
 
 from orbiter.errors import SchemaError
-from orbiter.store.engine import run_pragma
+from orbiter.store.engine import enable_wal, run_pragma
 from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS
 
 if TYPE_CHECKING:
@@ -130,11 +130,12 @@ def ensure_schema(connection: Connection, where: str, *, auto_migrate: bool) -> 
     connection.info["begin"] = "BEGIN"
     try:
         with connection.begin():
-            if schema_problem(connection, where, auto_migrate=auto_migrate) is None:
-                return
+            problem = schema_problem(connection, where, auto_migrate=auto_migrate)
     finally:
         connection.info.pop("begin", None)
-    upgrade_connection(connection, where, "head", auto_migrate=auto_migrate)
+    enable_wal(connection)
+    if problem is not None:
+        upgrade_connection(connection, where, "head", auto_migrate=auto_migrate)
 
 
 def upgrade_connection(
@@ -186,6 +187,8 @@ def upgrade(database: str, revision: str = "head") -> str | None:
     try:
         with engine.connect() as connection:
             upgrade_connection(connection, target.describe(), revision)
+            enable_wal(connection)
+            connection.info["begin"] = "BEGIN"
             return current_revision(connection)
     finally:
         engine.dispose()
@@ -200,6 +203,7 @@ def downgrade(database: str, revision: str) -> str | None:
     try:
         with engine.connect() as connection:
             downgrade_connection(connection, revision)
+            connection.info["begin"] = "BEGIN"
             return current_revision(connection)
     finally:
         engine.dispose()

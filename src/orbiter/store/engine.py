@@ -26,6 +26,7 @@ __all__ = [
     "Synchronous",
     "configure_sqlite_engine",
     "create_sync_engine",
+    "enable_wal",
     "resolve_database",
     "run_pragma",
 ]
@@ -154,7 +155,9 @@ def configure_sqlite_engine(
 ) -> None:
     """Install the connection setup on ``engine`` (sync, or an async engine's ``sync_engine``).
 
-    Each new connection gets WAL, ``synchronous``, ``busy_timeout`` and foreign keys, and
+    Each new connection gets ``synchronous``, ``busy_timeout`` and foreign keys (none of
+    which changes the file; WAL is switched on by :func:`enable_wal` once the file is
+    known to be ours), and
     runs in the driver's autocommit mode; SQLAlchemy's ``begin()`` then emits the real
     ``BEGIN`` (``BEGIN IMMEDIATE`` unless ``connection.info["begin"]`` says otherwise),
     so DDL is transactional and writers queue on SQLite's lock (waiting up to
@@ -164,7 +167,6 @@ def configure_sqlite_engine(
         raise InvalidValueError(f"synchronous must be 'FULL' or 'NORMAL', not {synchronous!r}")
     pragmas = (
         f"PRAGMA busy_timeout={int(busy_timeout * 1000)}",
-        "PRAGMA journal_mode=WAL",
         f"PRAGMA synchronous={synchronous}",
         "PRAGMA foreign_keys=ON",
     )
@@ -212,3 +214,14 @@ def run_pragma(connection: Connection, pragma: str) -> list[Any]:
         return list(cursor.fetchall())
     finally:
         cursor.close()
+
+
+def enable_wal(connection: Connection) -> None:
+    """Put the database in WAL mode (a lasting property of the file), if it is not yet.
+
+    Called only once the file is known to be ours or new: the switch rewrites the header.
+    """
+    if run_pragma(connection, "PRAGMA journal_mode")[0][0] != "wal":
+        mode = run_pragma(connection, "PRAGMA journal_mode=WAL")[0][0]
+        if mode != "wal":
+            raise DatabaseError(f"could not switch the database to WAL mode (it stays {mode!r})")

@@ -167,7 +167,7 @@ class SqlStore:
 
         def insert(connection: Connection) -> None:
             if connection.execute(queries.insert_task(), params).rowcount == 0:
-                raise DuplicateTaskError(task.task_id)
+                raise DuplicateTaskError(params["task_id"])
 
         self._worker.call(insert)
         self._tasks[task.task_id] = task
@@ -251,7 +251,7 @@ class SqlStore:
 
         def push(connection: Connection) -> None:
             connection.execute(queries.upsert_task(), params)
-            connection.execute(queries.enqueue(), {"task_id": task.task_id, "now": now})
+            connection.execute(queries.enqueue(), {"task_id": params["task_id"], "now": now})
 
         self._worker.call(push)
         self._tasks[task.task_id] = task

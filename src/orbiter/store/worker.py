@@ -144,6 +144,7 @@ class CommitWorker:
                     count = min(len(self._queue), MAX_BATCH)
                     batch = [self._queue.popleft() for _ in range(count)]
                 self._run_batch(connection, batch)
+                del batch  # let the finished operations (and what they hold) go
         finally:
             connection.close()
             self._engine.dispose()

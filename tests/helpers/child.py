@@ -1,0 +1,146 @@
+"""A separate process that drives a durable handler, for crash and restart tests.
+
+Usage: child.py COMMAND DB [ARGS...]. Commands print one line per completed call and
+flush, so the parent can SIGKILL this process right after a given call returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+from orbiter._internal.background import BackgroundTaskHandler
+
+
+def hang() -> None:
+    """Wait to be killed (never exit on our own)."""
+    while True:
+        time.sleep(60)
+
+
+def say(*words: object) -> None:
+    print(*words, flush=True)
+
+
+def submit(db: str, count: str, synchronous: str = "FULL") -> None:
+    handler = BackgroundTaskHandler(database=db, synchronous=synchronous)
+    for index in range(int(count)):
+        handler.submit(f"t{index}", "run", payload={"index": index})
+        say("submitted", index)
+    hang()
+
+
+async def _results(db: str, count: int, synchronous: str) -> None:
+    handler = BackgroundTaskHandler(database=db, synchronous=synchronous)
+    for index in range(count):
+        handler.submit(f"t{index}", "run", payload={"index": index})
+        mode = await handler.handle_result(
+            f"t{index}", {"value": index}, is_main_running=index % 3 == 0
+        )
+        say("returned", index, mode.value)
+    hang()
+
+
+def results(db: str, count: str, synchronous: str = "FULL") -> None:
+    asyncio.run(_results(db, int(count), synchronous))
+
+
+async def _gather_results(db: str, count: int) -> None:
+    handler = BackgroundTaskHandler(database=db)
+    for index in range(count):
+        handler.submit(f"g{index}", "run")
+
+    async def one(index: int) -> None:
+        await handler.handle_result(f"g{index}", index, is_main_running=False)
+        say("returned", index)
+
+    await asyncio.gather(*(one(index) for index in range(count)))
+    say("all returned")
+    hang()
+
+
+def gather_results(db: str, count: str) -> None:
+    asyncio.run(_gather_results(db, int(count)))
+
+
+async def _drain_hold(db: str, hold_at: int) -> None:
+    handler = BackgroundTaskHandler(database=db)
+    position = 0
+    async for task in handler.drain_pending():
+        say("holding", task.task_id)
+        if position == hold_at:
+            hang()
+        position += 1
+    say("done")
+
+
+def drain_hold(db: str, hold_at: str) -> None:
+    asyncio.run(_drain_hold(db, int(hold_at)))
+
+
+async def _finish_existing(db: str) -> None:
+    handler = BackgroundTaskHandler(database=db)
+    running = handler.list_tasks()
+    for task in running:
+        if task.task_id.endswith("-fail"):
+            handler.handle_error(task.task_id, "failed after restart")
+        else:
+            await handler.handle_result(task.task_id, "after restart", is_main_running=False)
+    say("finished", len(running))
+    await handler.aclose()
+
+
+def finish_existing(db: str) -> None:
+    asyncio.run(_finish_existing(db))
+
+
+def inspect(db: str) -> None:
+    """Print what a fresh handler sees, as JSON."""
+
+    async def pending() -> list[str]:
+        return [task.task_id async for task in handler.drain_pending()]
+
+    handler = BackgroundTaskHandler(database=db)
+    tasks = {
+        task.task_id: {
+            "status": task.status.value,
+            "result": task.result,
+            "error": task.error,
+            "merge_mode": task.merge_mode and task.merge_mode.value,
+            "payload": task.payload,
+        }
+        for task in handler.list_tasks()
+    }
+    size = handler.pending_queue.size
+    drained = asyncio.run(pending()) if "--drain" in sys.argv else None
+    say(json.dumps({"tasks": tasks, "pending_size": size, "drained": drained}))
+    handler.close()
+
+
+async def _mixed_writer(db: str, prefix: str, count: int) -> None:
+    handler = BackgroundTaskHandler(database=db)
+    drained = 0
+    for index in range(count):
+        task_id = f"{prefix}{index}"
+        handler.submit(task_id, prefix)
+        if index % 4 == 3:
+            handler.handle_error(task_id, "boom")
+        else:
+            await handler.handle_result(task_id, index, is_main_running=index % 2 == 0)
+        if index % 25 == 0:
+            drained += len([t async for t in handler.drain_pending()])
+    drained += len([t async for t in handler.drain_pending()])
+    say(json.dumps({"drained": drained}))
+    await handler.aclose()
+
+
+def mixed_writer(db: str, prefix: str, count: str) -> None:
+    asyncio.run(_mixed_writer(db, prefix, int(count)))
+
+
+if __name__ == "__main__":
+    command, *arguments = sys.argv[1:]
+    arguments = [a for a in arguments if not a.startswith("--")]
+    globals()[command](*arguments)

@@ -1,0 +1,146 @@
+"""Bad arguments get a clear error, and nothing is written or half-written."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
+from orbiter._internal.state import RunNodeStatus
+from orbiter.errors import InvalidValueError
+
+
+def table_counts(db_path: Path) -> tuple[int, int]:
+    with sqlite3.connect(db_path) as connection:
+        tasks = connection.execute("SELECT count(*) FROM background_tasks").fetchone()[0]
+        pending = connection.execute("SELECT count(*) FROM pending_queue").fetchone()[0]
+    return tasks, pending
+
+
+@pytest.mark.parametrize("bad_id", ["", 7, None, b"bytes", ["x"]])
+async def test_bad_task_ids(handler: BackgroundTaskHandler, bad_id: Any) -> None:
+    with pytest.raises(BackgroundTaskError, match="task_id"):
+        handler.submit(bad_id, "run")
+    with pytest.raises(BackgroundTaskError, match="parent_task_id"):
+        handler.submit("ok", bad_id)
+    with pytest.raises(BackgroundTaskError, match="task_id"):
+        await handler.handle_result(bad_id, 1)
+    with pytest.raises(BackgroundTaskError, match="task_id"):
+        handler.handle_error(bad_id, "x")
+    with pytest.raises(BackgroundTaskError, match="task_id"):
+        handler.get_task(bad_id)
+    assert handler.list_tasks() == []
+
+
+def test_invalid_value_error_is_also_type_and_value_error() -> None:
+    assert issubclass(InvalidValueError, TypeError)
+    assert issubclass(InvalidValueError, ValueError)
+    assert issubclass(InvalidValueError, BackgroundTaskError)
+
+
+@pytest.mark.parametrize("bad_status", ["running", 1, "nope"])
+def test_status_filter_must_be_run_node_status(
+    handler: BackgroundTaskHandler, bad_status: Any
+) -> None:
+    with pytest.raises(BackgroundTaskError, match="RunNodeStatus"):
+        handler.list_tasks(status=bad_status)
+    assert handler.list_tasks(status=RunNodeStatus.RUNNING) == []
+
+
+@pytest.mark.parametrize("timeout", [-1, -0.001, math.nan, "1", True])
+async def test_bad_wait_timeout(handler: BackgroundTaskHandler, timeout: Any) -> None:
+    with pytest.raises(BackgroundTaskError, match="timeout"):
+        await handler.pending_queue.wait(timeout)
+
+
+def test_error_message_must_be_str(handler: BackgroundTaskHandler) -> None:
+    handler.submit("a", "run")
+    with pytest.raises(BackgroundTaskError, match="error must be a str"):
+        handler.handle_error("a", 42)  # type: ignore[arg-type]
+    assert handler.get_task("a").status is RunNodeStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_on_merge_needs_a_callable(handler: BackgroundTaskHandler) -> None:
+    with pytest.raises(BackgroundTaskError, match="callable"):
+        handler.on_merge("not a function")
+
+
+def test_push_needs_a_task(handler: BackgroundTaskHandler) -> None:
+    with pytest.raises(BackgroundTaskError, match="BackgroundTask"):
+        handler.pending_queue.push("task")  # type: ignore[arg-type]
+
+
+UNSTORABLE = [
+    object(),
+    {1, 2},
+    math.nan,
+    math.inf,
+    {"k": object()},
+    {1: "int key"},
+    [1, [2, {"deep": {3}}]],
+    b"bytes",
+]
+
+
+@pytest.mark.parametrize("value", UNSTORABLE, ids=lambda v: type(v).__name__)
+async def test_unstorable_payload_writes_nothing(db_path: Path, value: Any) -> None:
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        with pytest.raises(BackgroundTaskError, match="cannot store payload"):
+            handler.submit("a", "run", payload=value)
+        assert handler.get_task("a") is None
+    assert table_counts(db_path) == (0, 0)
+
+
+@pytest.mark.parametrize("value", UNSTORABLE, ids=lambda v: type(v).__name__)
+@pytest.mark.parametrize("hot", [True, False])
+async def test_unstorable_result_writes_nothing(db_path: Path, value: Any, hot: bool) -> None:
+    calls: list[str] = []
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        handler.on_merge(lambda task, mode: calls.append(task.task_id))
+        task = handler.submit("a", "run")
+        with pytest.raises(BackgroundTaskError, match="cannot store result"):
+            await handler.handle_result("a", value, is_main_running=hot)
+        assert task.status is RunNodeStatus.RUNNING and task.result is None
+        assert calls == []
+        # The task can still complete properly afterwards.
+        await handler.handle_result("a", "fine", is_main_running=False)
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        assert [t.result async for t in handler.drain_pending()] == ["fine"]
+
+
+async def test_value_size_limit(db_path: Path) -> None:
+    async with BackgroundTaskHandler(database=db_path, max_value_bytes=1_000) as handler:
+        handler.submit("small", "run", payload="x" * 900)
+        with pytest.raises(BackgroundTaskError, match="max_value_bytes"):
+            handler.submit("big", "run", payload="x" * 1_001)
+        with pytest.raises(BackgroundTaskError, match="max_value_bytes"):
+            await handler.handle_result("small", "é" * 600)  # 1,200 bytes of UTF-8
+        assert handler.get_task("small").status is RunNodeStatus.RUNNING  # type: ignore[union-attr]
+    assert table_counts(db_path) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"synchronous": "OFF"}, "synchronous"),
+        ({"max_value_bytes": 0}, "max_value_bytes"),
+        ({"poll_interval": 0}, "poll_interval"),
+        ({"busy_timeout": -1}, "busy_timeout"),
+        ({"state": "not a state"}, "RunState"),
+    ],
+)
+def test_bad_constructor_options(db_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(BackgroundTaskError, match=match):
+        BackgroundTaskHandler(database=db_path, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "database", ["", "   ", 42, "postgresql://u@h/db", "sqlite://", "sqlite:///:memory:"]
+)
+def test_bad_database_arguments(database: Any) -> None:
+    with pytest.raises(BackgroundTaskError):
+        BackgroundTaskHandler(database=database)

@@ -1,0 +1,175 @@
+"""Every state the database file can be in gets a clear error, and is left unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orbiter._internal.background import BackgroundTaskHandler
+from orbiter.errors import DatabaseError, DatabaseLockedError, SchemaError
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    target = tmp_path / "nope" / "tasks.db"
+    with pytest.raises(DatabaseError, match=r"directory .*nope does not exist"):
+        BackgroundTaskHandler(database=target)
+    assert not target.parent.exists()
+
+
+def test_path_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError, match="is a directory"):
+        BackgroundTaskHandler(database=tmp_path)
+
+
+def test_not_a_sqlite_file(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("hello, this is not a database\n" * 100)
+    before = digest(target)
+    with pytest.raises(DatabaseError, match="not a SQLite database"):
+        BackgroundTaskHandler(database=target)
+    assert digest(target) == before
+
+
+def test_foreign_sqlite_database(tmp_path: Path) -> None:
+    target = tmp_path / "app.db"
+    with sqlite3.connect(target) as connection:
+        connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+    before = digest(target)
+    with pytest.raises(SchemaError, match="not an orbiter-background one"):
+        BackgroundTaskHandler(database=target)
+    assert digest(target) == before
+
+
+def test_corrupt_file(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    data = bytearray(db_path.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)  # keep the header, wreck the schema page
+    db_path.write_bytes(bytes(data))
+    before = digest(db_path)
+    with pytest.raises(DatabaseError, match=r"corrupt|malformed|not a database"):
+        BackgroundTaskHandler(database=db_path)
+    assert digest(db_path) == before
+
+
+def test_read_only_file(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    db_path.chmod(0o400)
+    before = digest(db_path)
+    try:
+        with pytest.raises(DatabaseError, match="read-only"):
+            BackgroundTaskHandler(database=db_path)
+    finally:
+        db_path.chmod(0o600)
+    assert digest(db_path) == before
+
+
+def test_read_only_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(DatabaseError, match="read-only"):
+            BackgroundTaskHandler(database=folder / "tasks.db")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o700)
+
+
+def test_newer_schema_is_refused(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    with sqlite3.connect(db_path) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    before = digest(db_path)
+    for auto_migrate in (True, False):
+        with pytest.raises(SchemaError, match=r"'9999'.*newer"):
+            BackgroundTaskHandler(database=db_path, auto_migrate=auto_migrate)
+    assert digest(db_path) == before
+
+
+def test_empty_file_gets_the_schema(db_path: Path) -> None:
+    db_path.touch()
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("a", "run")
+    with BackgroundTaskHandler(database=db_path) as handler:
+        assert handler.get_task("a") is not None
+
+
+def test_locked_database_gives_a_clear_error(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    locker = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(db_path)!r}, isolation_level=None)\n"
+            "c.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(30)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert locker.stdout is not None and locker.stdout.readline().strip() == "locked"
+        with (
+            pytest.raises(DatabaseLockedError, match="locked"),
+            BackgroundTaskHandler(database=db_path, busy_timeout=0.2) as handler,
+        ):
+            handler.submit("a", "run")
+    finally:
+        locker.kill()
+        locker.communicate()
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("a", "run")
+        assert handler.get_task("a") is not None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and sys.platform != "linux", reason="linux only")
+def test_database_size_limit_error_and_recovery(db_path: Path) -> None:
+    """A full database fails the call clearly; earlier data stays; it works once space is back."""
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("before", "run", payload="x")
+    with sqlite3.connect(db_path) as connection:
+        pages = connection.execute("PRAGMA page_count").fetchone()[0]
+    # max_page_count is per connection: set it through the handler's own connections.
+    from sqlalchemy import event
+
+    from orbiter.store import engine as engine_module
+
+    original = engine_module.create_sync_engine
+
+    def limited(*args: object, **kwargs: object) -> object:
+        engine = original(*args, **kwargs)  # type: ignore[arg-type]
+
+        @event.listens_for(engine, "connect")
+        def _limit(dbapi_connection: object, _record: object) -> None:
+            dbapi_connection.execute(f"PRAGMA max_page_count={pages + 2}")  # type: ignore[attr-defined]
+
+        return engine
+
+    from orbiter.store import sql_store
+
+    sql_store.create_sync_engine = limited  # type: ignore[assignment]
+    try:
+        with BackgroundTaskHandler(database=db_path) as handler:
+            with pytest.raises(DatabaseError, match="full"):
+                for index in range(200):
+                    handler.submit(f"t{index}", "run", payload="y" * 2_000)
+            assert handler.get_task("before") is not None
+    finally:
+        sql_store.create_sync_engine = original
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("after", "run", payload="z" * 10_000)
+        assert handler.get_task("before").payload == "x"  # type: ignore[union-attr]
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
