@@ -64,6 +64,8 @@ def current_revision(connection: Connection) -> str | None:
     if has_table is None:
         return None
     rows = connection.execute(text("SELECT version_num FROM alembic_version")).all()
+    if not rows:
+        return None  # downgraded to base: no schema
     if len(rows) != 1:
         raise SchemaError(
             f"the alembic_version table holds {len(rows)} revisions; expected exactly one"
@@ -95,7 +97,7 @@ def schema_problem(connection: Connection, where: str, *, auto_migrate: bool) ->
     if revision == HEAD_REVISION:
         return None
     if revision is None:
-        tables = _user_tables(connection)
+        tables = [name for name in _user_tables(connection) if name != "alembic_version"]
         if tables:
             raise SchemaError(
                 f"{where} is a SQLite database but not an orbiter-background one "

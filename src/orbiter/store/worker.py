@@ -77,6 +77,8 @@ class CommitWorker:
         self._queue: deque[_Queued[Any]] = deque()
         self._wakeup = threading.Condition(threading.Lock())
         self._closed = False
+        #: Transactions committed so far (each may hold many operations).
+        self.commits = 0
         self._started: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -171,6 +173,7 @@ class CommitWorker:
             for item in items:
                 self._run_batch(connection, [item])
             return
+        self.commits += 1
         for item, (ok, value) in zip(items, outcomes, strict=True):
             if ok:
                 item.future.set_result(value)

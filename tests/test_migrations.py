@@ -1,0 +1,148 @@
+"""Migrations: one head, no drift from schema.py, up/down round trips, the alembic CLI."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine
+
+from orbiter import migrate
+from orbiter._internal.background import BackgroundTaskHandler
+from orbiter.errors import SchemaError
+from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS, metadata
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script_directory() -> ScriptDirectory:
+    return ScriptDirectory(str(migrate.migrations_path()))
+
+
+def user_tables(db_path: Path) -> set[str]:
+    with sqlite3.connect(db_path) as connection:
+        rows = connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def stored_revision(db_path: Path) -> str | None:
+    with sqlite3.connect(db_path) as connection:
+        row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
+    return None if row is None else str(row[0])
+
+
+def test_single_head_matching_the_code() -> None:
+    scripts = script_directory()
+    assert scripts.get_heads() == [HEAD_REVISION]
+    chain = [rev.revision for rev in scripts.walk_revisions("base", "heads")]
+    assert tuple(reversed(chain)) == KNOWN_REVISIONS
+
+
+def test_migration_files_are_named_by_revision() -> None:
+    for path in (ROOT / "migrations" / "versions").glob("*.py"):
+        revision = path.name.split("_", 1)[0]
+        assert revision in KNOWN_REVISIONS, path.name
+
+
+def test_upgrade_from_empty_matches_schema_py(db_path: Path) -> None:
+    assert migrate.upgrade(str(db_path)) == HEAD_REVISION
+    engine = create_engine(f"sqlite:///{db_path}")
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_handler_creates_the_same_schema_as_migrate(tmp_path: Path) -> None:
+    by_handler, by_migrate = tmp_path / "a.db", tmp_path / "b.db"
+    BackgroundTaskHandler(database=by_handler).close()
+    migrate.upgrade(str(by_migrate))
+
+    def schema(path: Path) -> list[tuple[str, str]]:
+        with sqlite3.connect(path) as connection:
+            return connection.execute(
+                "SELECT name, sql FROM sqlite_master WHERE sql IS NOT NULL ORDER BY name"
+            ).fetchall()
+
+    assert schema(by_handler) == schema(by_migrate)
+
+
+def test_downgrade_base_then_upgrade_round_trip(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("a", "run")
+    assert migrate.downgrade(str(db_path), "base") is None
+    assert user_tables(db_path) == {"alembic_version"}
+    assert migrate.upgrade(str(db_path)) == HEAD_REVISION
+    assert {"background_tasks", "pending_queue"} <= user_tables(db_path)
+    with BackgroundTaskHandler(database=db_path) as handler:
+        assert handler.list_tasks() == []
+
+
+def test_each_step_down_and_up(db_path: Path) -> None:
+    migrate.upgrade(str(db_path))
+    for revision in reversed(KNOWN_REVISIONS[:-1]):
+        assert migrate.downgrade(str(db_path), revision) == revision
+    migrate.downgrade(str(db_path), "base")
+    for revision in KNOWN_REVISIONS:
+        assert migrate.upgrade(str(db_path), revision) == revision
+
+
+@pytest.mark.skipif(len(KNOWN_REVISIONS) < 2, reason="needs an older revision to exist")
+def test_older_schema_is_upgraded_or_refused(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("kept", "run", payload={"x": 1})
+    older = KNOWN_REVISIONS[-2]
+    migrate.downgrade(str(db_path), older)
+    with pytest.raises(SchemaError, match=r"orbiter-bg migrate --db"):
+        BackgroundTaskHandler(database=db_path, auto_migrate=False)
+    assert stored_revision(db_path) == older
+    with BackgroundTaskHandler(database=db_path) as handler:
+        assert handler.get_task("kept").payload == {"x": 1}  # type: ignore[union-attr]
+    assert stored_revision(db_path) == HEAD_REVISION
+
+
+def test_alembic_command_line_uses_the_environment_variable(db_path: Path) -> None:
+    alembic = Path(sys.executable).with_name("alembic")
+    env = {**os.environ, "ORBITER_BG_DATABASE": str(db_path)}
+
+    def run(*args: str) -> None:
+        subprocess.run([str(alembic), *args], cwd=ROOT, env=env, check=True, capture_output=True)
+
+    run("upgrade", "head")
+    assert stored_revision(db_path) == HEAD_REVISION
+    assert {"background_tasks", "pending_queue"} <= user_tables(db_path)
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    with BackgroundTaskHandler(database=db_path, auto_migrate=False) as handler:
+        handler.submit("a", "run")
+    run("downgrade", "base")
+    assert user_tables(db_path) == {"alembic_version"}
+    env["ORBITER_BG_DATABASE"] = f"sqlite+aiosqlite:///{db_path}"
+    run("upgrade", "head")
+    assert stored_revision(db_path) == HEAD_REVISION
+
+
+def test_alembic_without_database_says_what_to_set(tmp_path: Path) -> None:
+    alembic = Path(sys.executable).with_name("alembic")
+    env = {k: v for k, v in os.environ.items() if k != "ORBITER_BG_DATABASE"}
+    completed = subprocess.run(
+        [str(alembic), "upgrade", "head"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert completed.returncode != 0
+    assert "ORBITER_BG_DATABASE" in completed.stderr + completed.stdout
