@@ -140,6 +140,65 @@ def mixed_writer(db: str, prefix: str, count: str) -> None:
     asyncio.run(_mixed_writer(db, prefix, int(count)))
 
 
+def recover(db: str, action: str) -> None:
+    async def run() -> list[str]:
+        async with BackgroundTaskHandler(database=db) as handler:
+            return [task.task_id for task in await handler.recover_orphans(action)]
+
+    say(json.dumps(asyncio.run(run())))
+
+
+def drain_all(db: str, parent: str = "", delay: str = "0") -> None:
+    async def run() -> list[str]:
+        async with BackgroundTaskHandler(database=db) as handler:
+            drained = []
+            async for task in handler.drain_pending(parent or None):
+                drained.append(task.task_id)
+                await asyncio.sleep(float(delay))
+            return drained
+
+    say(json.dumps(asyncio.run(run())))
+
+
+def wait(db: str, timeout: str) -> None:
+    async def run() -> None:
+        async with BackgroundTaskHandler(database=db) as handler:
+            say("waiting")
+            started, cpu = time.monotonic(), time.process_time()
+            found = await handler.pending_queue.wait(float(timeout))
+            say(
+                json.dumps(
+                    {
+                        "found": found,
+                        "elapsed": time.monotonic() - started,
+                        "cpu": time.process_time() - cpu,
+                    }
+                )
+            )
+
+    asyncio.run(run())
+
+
+def queue_one(db: str, task_id: str) -> None:
+    async def run() -> None:
+        async with BackgroundTaskHandler(database=db) as handler:
+            handler.submit(task_id, "run")
+            await handler.handle_result(task_id, "late", is_main_running=False)
+
+    asyncio.run(run())
+    say("queued")
+
+
+def restore_hold(db: str, parent: str) -> None:
+    async def run() -> None:
+        handler = BackgroundTaskHandler(database=db)
+        async with handler.restore_pending(parent) as results:
+            say("holding", len(results))
+            hang()
+
+    asyncio.run(run())
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     arguments = [a for a in arguments if not a.startswith("--")]

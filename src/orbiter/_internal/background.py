@@ -10,11 +10,13 @@ handler keeps everything in memory, exactly like the reference module.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
 
@@ -30,12 +32,23 @@ __all__ = [
     "BackgroundTaskError",
     "BackgroundTaskHandler",
     "MergeMode",
+    "OrphanAction",
     "PendingQueue",
 ]
 
 logger = logging.getLogger(__name__)
 
 MergeCallback = Callable[[BackgroundTask, MergeMode], Awaitable[None] | None]
+OrphanCallback = Callable[[BackgroundTask], Awaitable[None] | None]
+
+
+class OrphanAction(StrEnum):
+    """What :meth:`BackgroundTaskHandler.recover_orphans` does with an orphaned task."""
+
+    FAIL = "fail"  # mark it FAILED with an "orphaned: ..." error
+    TIMEOUT = "timeout"  # mark it TIMEOUT
+    RESUBMIT = "resubmit"  # adopt it (stays RUNNING) and hand it to a callback
+
 
 #: Default cap on one encoded payload or result (see ``max_value_bytes``).
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
@@ -131,6 +144,10 @@ class BackgroundTaskHandler:
         max_value_bytes: Largest encoded payload or result accepted.
         poll_interval: How often ``pending_queue.wait()`` looks for results that other
             processes queued, in seconds.
+        heartbeat_interval: How often this handler renews its lease, in seconds.
+        lease_timeout: Seconds without a heartbeat after which other processes treat this
+            handler as gone (its running tasks become orphans; items it was draining are
+            freed). A handler on the same host is known gone at once when its process exits.
 
     Raises:
         DatabaseError: the database cannot be opened (the message says why).
@@ -148,6 +165,8 @@ class BackgroundTaskHandler:
         codec: Codec | None = None,
         max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
         poll_interval: float = 0.05,
+        heartbeat_interval: float = 5.0,
+        lease_timeout: float = 30.0,
     ) -> None:
         if state is not None and not isinstance(state, RunState):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise InvalidValueError(f"state must be a RunState or None, not {type(state).__name__}")
@@ -155,8 +174,18 @@ class BackgroundTaskHandler:
             raise InvalidValueError(
                 f"max_value_bytes must be a positive int, not {max_value_bytes!r}"
             )
-        if not poll_interval > 0:
-            raise InvalidValueError(f"poll_interval must be > 0 seconds, not {poll_interval!r}")
+        for name, seconds in (
+            ("poll_interval", poll_interval),
+            ("heartbeat_interval", heartbeat_interval),
+            ("lease_timeout", lease_timeout),
+        ):
+            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+                raise InvalidValueError(f"{name} must be > 0 seconds, not {seconds!r}")
+        if lease_timeout <= heartbeat_interval:
+            raise InvalidValueError(
+                f"lease_timeout ({lease_timeout}) must exceed heartbeat_interval "
+                f"({heartbeat_interval}), or live handlers would look gone"
+            )
         self._state = state
         self._merge_callbacks: list[MergeCallback] = []
         self._store: TaskStore
@@ -183,6 +212,8 @@ class BackgroundTaskHandler:
                 codec=codec or JsonCodec(),
                 max_value_bytes=max_value_bytes,
                 poll_interval=poll_interval,
+                heartbeat_interval=heartbeat_interval,
+                lease_timeout=lease_timeout,
             )
         self._pending = PendingQueue._of(self._store)
 
@@ -294,7 +325,9 @@ class BackgroundTaskHandler:
         if self._state is not None and (node := self._state.find_node(f"bg:{task_id}")):
             node.fail(error)
 
-    async def drain_pending(self) -> AsyncIterator[BackgroundTask]:
+    async def drain_pending(
+        self, parent_task_id: str | None = None
+    ) -> AsyncIterator[BackgroundTask]:
         """Yield all pending background tasks (wake-up-merge pattern).
 
         Used when restoring from a checkpoint to process any background results that
@@ -305,13 +338,110 @@ class BackgroundTaskHandler:
         dies, or the consumer's loop raises or breaks, while it holds item *k*, the next
         drain yields *k* again and everything after it, never anything before: delivery
         is at-least-once for the item in hand, so merge idempotently by ``task_id``.
+        Items a drain holds are claimed: concurrent drains (other coroutines or processes)
+        never receive the same item while its holder is alive.
+
+        Args:
+            parent_task_id: Only drain the results of this run (default: all runs).
 
         Yields:
             Each pending BackgroundTask with its result.
         """
-        async for task in self._store.iter_pending():
+        if parent_task_id is not None:
+            _check_id(parent_task_id, "parent_task_id")
+        async for task in self._store.iter_pending(parent_task_id):
             await self._notify_merge(task, MergeMode.WAKEUP)
             yield task
+
+    @contextlib.asynccontextmanager
+    async def restore_pending(
+        self, parent_task_id: str | None = None
+    ) -> AsyncIterator[list[BackgroundTask]]:
+        """Take a run's pending results as one batch, all or nothing (checkpoint restore).
+
+        ``async with handler.restore_pending("run-1") as results:`` claims every pending
+        result of the run (so no other drain takes them), runs the ``on_merge`` callbacks
+        (``MergeMode.WAKEUP``), and hands the list to the block. When the block finishes,
+        all of them leave the queue in one commit; if it raises (or the process dies),
+        every one stays pending for the next restore.
+
+        Args:
+            parent_task_id: The run to restore (default: every run's results).
+        """
+        if parent_task_id is not None:
+            _check_id(parent_task_id, "parent_task_id")
+        claimer, tasks = await self._store.claim_batch(parent_task_id)
+        try:
+            for task in tasks:
+                await self._notify_merge(task, MergeMode.WAKEUP)
+            yield tasks
+        except BaseException:
+            await self._store.settle_batch(claimer, merged=False)
+            raise
+        await self._store.settle_batch(claimer, merged=True)
+
+    async def recover_orphans(
+        self,
+        action: OrphanAction | str = "fail",
+        *,
+        resubmit: OrphanCallback | None = None,
+    ) -> list[BackgroundTask]:
+        """Settle running tasks whose owner is gone; a task with a live owner is untouched.
+
+        An owner is gone when its process has provably exited (same host), its handler
+        was closed, or it stopped renewing its lease (any host). Safe to run at any time,
+        from several processes at once: each orphan is settled exactly once.
+
+        Args:
+            action: ``"fail"`` (FAILED, with an ``orphaned: ...`` error), ``"timeout"``
+                (TIMEOUT), or ``"resubmit"`` (this handler adopts the task, which stays
+                RUNNING, and ``resubmit(task)`` is awaited to restart the work from its
+                payload; if it raises, the task is marked FAILED).
+            resubmit: The callback for ``"resubmit"``.
+
+        Returns:
+            The settled tasks.
+        """
+        try:
+            chosen = OrphanAction(action)
+        except ValueError:
+            raise InvalidValueError(
+                f"action must be one of {[a.value for a in OrphanAction]}, not {action!r}"
+            ) from None
+        if (chosen is OrphanAction.RESUBMIT) != (resubmit is not None):
+            raise InvalidValueError("pass resubmit= exactly when action is 'resubmit'")
+        status = {
+            OrphanAction.FAIL: "failed",
+            OrphanAction.TIMEOUT: "timeout",
+            OrphanAction.RESUBMIT: "adopt",
+        }[chosen]
+        settled = await self._store.recover_orphans(status)
+        for task, reason in settled:
+            logger.warning(
+                "orphaned background task %r settled (%s): %s", task.task_id, chosen.value, reason
+            )
+            if resubmit is not None:
+                await self._resubmit(task, resubmit)
+            else:
+                self._mark_node(task)
+        return [task for task, _ in settled]
+
+    async def _resubmit(self, task: BackgroundTask, resubmit: OrphanCallback) -> None:
+        try:
+            outcome = resubmit(task)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception as exc:
+            logger.exception("resubmitting orphaned background task %r failed", task.task_id)
+            self.handle_error(task.task_id, f"orphaned; resubmit failed: {exc}")
+
+    def _mark_node(self, task: BackgroundTask) -> None:
+        if self._state is None or (node := self._state.find_node(f"bg:{task.task_id}")) is None:
+            return
+        if task.status is RunNodeStatus.TIMEOUT:
+            node.timeout()
+        elif task.status is RunNodeStatus.FAILED:
+            node.fail(task.error or "orphaned")
 
     def on_merge(self, callback: Any) -> None:
         """Register a callback for merge events.

@@ -8,7 +8,7 @@ and :class:`~orbiter.store.sql_store.SqlStore` (a SQLite file, durable on return
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any, Protocol
 
 from orbiter._internal.signal import Signal
@@ -57,9 +57,25 @@ class TaskStore(Protocol):
         """Number of queued tasks."""
         ...
 
-    def iter_pending(self) -> AsyncIterator[BackgroundTask]:
-        """Yield queued tasks in enqueue order; each is removed when the consumer asks
-        for the next one (so the item in hand survives a crash or an exception)."""
+    def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
+        """Yield queued tasks (of one parent, or all) in enqueue order, each claimed so no
+        other drain gets it; each is removed when the consumer asks for the next one, and
+        what is still held is freed if the consumer stops early."""
+        ...
+
+    async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
+        """Claim every free queued task (of one parent, or all); return a claim token."""
+        ...
+
+    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
+        """Remove (``merged``) or free every task claimed under ``claimer``."""
+        ...
+
+    async def recover_orphans(
+        self, action: str, protect: Collection[str] = ()
+    ) -> list[tuple[BackgroundTask, str]]:
+        """Settle active tasks whose owner is gone (``action``: failed, timeout or adopt);
+        return each settled task with the reason its owner counts as gone."""
         ...
 
     async def wait_pending(self, timeout: float | None) -> bool:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from typing import Any
 
 from orbiter._internal.signal import Signal
@@ -26,6 +27,8 @@ class MemoryStore:
         self.pending_signal = Signal()
         self._tasks: dict[str, BackgroundTask] = {}
         self._pending: deque[BackgroundTask] = deque()
+        self._claims: dict[int, str] = {}  # id(task) -> the drain holding it
+        self._drains = itertools.count(1)
         self._closed = False
 
     def _check_open(self) -> None:
@@ -79,24 +82,65 @@ class MemoryStore:
 
     def pop_all_pending(self) -> list[BackgroundTask]:
         self._check_open()
-        items = list(self._pending)
-        self._pending.clear()
+        if not self._claims:
+            items = list(self._pending)
+            self._pending.clear()
+            return items
+        items = [task for task in self._pending if id(task) not in self._claims]
+        self._pending = deque(task for task in self._pending if id(task) in self._claims)
         return items
 
     def pending_count(self) -> int:
         self._check_open()
         return len(self._pending)
 
-    async def iter_pending(self) -> AsyncIterator[BackgroundTask]:
+    def _claim(self, parent_task_id: str | None, claimer: str) -> list[BackgroundTask]:
+        taken = [
+            task
+            for task in self._pending
+            if id(task) not in self._claims
+            and (parent_task_id is None or task.parent_task_id == parent_task_id)
+        ]
+        for task in taken:
+            self._claims[id(task)] = claimer
+        return taken
+
+    def _remove(self, task: BackgroundTask, claimer: str) -> None:
+        if self._claims.get(id(task)) == claimer:
+            del self._claims[id(task)]
+            self._pending.remove(task)
+
+    def _release(self, claimer: str) -> None:
+        for key in [key for key, holder in self._claims.items() if holder == claimer]:
+            del self._claims[key]
+
+    async def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
         self._check_open()
-        for _ in range(len(self._pending)):
-            if not self._pending:
-                break
-            task = self._pending[0]
-            yield task
-            # The consumer asked for the next item: the one it held is merged.
-            if self._pending and self._pending[0] is task:
-                self._pending.popleft()
+        claimer = f"drain/{next(self._drains)}"
+        try:
+            for task in self._claim(parent_task_id, claimer):
+                yield task
+                # The consumer asked for the next item: the one it held is merged.
+                self._remove(task, claimer)
+        finally:
+            self._release(claimer)
+
+    async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
+        self._check_open()
+        claimer = f"batch/{next(self._drains)}"
+        return claimer, self._claim(parent_task_id, claimer)
+
+    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
+        if merged:
+            for task in [t for t in self._pending if self._claims.get(id(t)) == claimer]:
+                self._remove(task, claimer)
+        self._release(claimer)
+
+    async def recover_orphans(
+        self, action: str, protect: Collection[str] = ()
+    ) -> list[tuple[BackgroundTask, str]]:
+        self._check_open()
+        return []  # every task lives in this process: none can be orphaned
 
     async def wait_pending(self, timeout: float | None) -> bool:
         self._check_open()

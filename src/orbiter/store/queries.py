@@ -14,6 +14,7 @@ from sqlalchemy import Delete, Insert, Select, Update, bindparam, delete, exists
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orbiter.store.schema import background_tasks as tasks
+from orbiter.store.schema import owners
 from orbiter.store.schema import pending_queue as pending
 
 __all__ = [
@@ -63,6 +64,7 @@ def insert_task() -> Insert:
             payload=bindparam("payload"),
             created_at=bindparam("now"),
             updated_at=bindparam("now"),
+            owner_id=bindparam("owner_id"),
         )
         .on_conflict_do_nothing(index_elements=[tasks.c.task_id])
     )
@@ -81,6 +83,7 @@ def upsert_task() -> Insert:
         error=bindparam("error"),
         created_at=bindparam("now"),
         updated_at=bindparam("now"),
+        owner_id=bindparam("owner_id"),
     )
     return stmt.on_conflict_do_update(
         index_elements=[tasks.c.task_id],
@@ -188,3 +191,164 @@ def delete_pending_item() -> Delete:
 def delete_pending_through() -> Delete:
     """Remove every queued task up to position ``:upto``."""
     return delete(pending).where(pending.c.seq <= bindparam("upto"))
+
+
+# -- owners and heartbeats ----------------------------------------------------------------
+
+
+@cache
+def register_owner() -> Insert:
+    """Record a handler that just opened the database."""
+    return sqlite_insert(owners).values(
+        owner_id=bindparam("owner_id"),
+        host=bindparam("host"),
+        boot_id=bindparam("boot_id"),
+        pid=bindparam("pid"),
+        process_start=bindparam("process_start"),
+        started_at=bindparam("now"),
+        heartbeat_at=bindparam("now"),
+        lease_expires_at=bindparam("lease_expires_at"),
+    )
+
+
+@cache
+def renew_lease() -> Update:
+    """A heartbeat: the owner is alive until ``:lease_expires_at``."""
+    return (
+        owners.update()
+        .where(owners.c.owner_id == bindparam("id"))
+        .values(heartbeat_at=bindparam("now"), lease_expires_at=bindparam("lease_expires_at"))
+    )
+
+
+@cache
+def close_owner() -> Update:
+    """A clean close: the owner is gone, provably, from now on."""
+    return (
+        owners.update()
+        .where(owners.c.owner_id == bindparam("id"))
+        .values(closed_at=bindparam("now"), heartbeat_at=bindparam("now"))
+    )
+
+
+@cache
+def select_owners() -> AnySelect:
+    """Every owner row (one per handler that has not been cleaned up)."""
+    return select(owners)
+
+
+@cache
+def owners_of_active_tasks() -> AnySelect:
+    """The distinct owners of tasks that have not finished (NULL for unknown)."""
+    return select(tasks.c.owner_id).where(tasks.c.status.in_(ACTIVE_STATUSES)).distinct()
+
+
+@cache
+def owner_has_active_tasks() -> AnySelect:
+    """Whether owner ``:id`` still has unfinished tasks."""
+    return select(
+        exists().where(tasks.c.owner_id == bindparam("id"), tasks.c.status.in_(ACTIVE_STATUSES))
+    )
+
+
+@cache
+def settle_orphans(action: str) -> Update:
+    """Finish the active tasks of one gone owner (``:owner``; NULL matches unowned tasks).
+
+    ``action`` is ``"failed"`` or ``"timeout"`` (status, with ``:error``) or ``"adopt"``
+    (the task stays active and becomes ``:me``'s). Returns the settled rows.
+    """
+    stmt = tasks.update().where(
+        tasks.c.status.in_(ACTIVE_STATUSES),
+        tasks.c.owner_id.is_not_distinct_from(bindparam("owner")),
+    )
+    if action == "adopt":
+        stmt = stmt.values(owner_id=bindparam("me"), updated_at=bindparam("now"))
+    else:
+        stmt = stmt.values(status=action, error=bindparam("error"), updated_at=bindparam("now"))
+    return stmt.returning(*TASK_COLUMNS)
+
+
+@cache
+def delete_owner() -> Delete:
+    """Forget a gone owner once nothing refers to it."""
+    return delete(owners).where(owners.c.owner_id == bindparam("id"))
+
+
+# -- claims on pending items ---------------------------------------------------------------
+
+
+@cache
+def claimers() -> AnySelect:
+    """The distinct drains holding pending items."""
+    return select(pending.c.claimed_by).where(pending.c.claimed_by.is_not(None)).distinct()
+
+
+@cache
+def release_claims() -> Update:
+    """Free every item held by one drain (``:claimer``): it stopped without merging them."""
+    return (
+        pending.update()
+        .where(pending.c.claimed_by == bindparam("claimer"))
+        .values(claimed_by=None, claimed_at=None)
+    )
+
+
+@cache
+def release_claims_of_owner() -> Update:
+    """Free every item held by any drain of one owner (``:prefix`` is ``<owner_id>/%``)."""
+    return (
+        pending.update()
+        .where(pending.c.claimed_by.like(bindparam("prefix")))
+        .values(claimed_by=None, claimed_at=None)
+    )
+
+
+@cache
+def claim_pending(by_parent: bool) -> Update:
+    """Claim up to ``:limit`` free items after ``:after`` up to ``:upto``, in order, for
+    ``:claimer`` (optionally only those of parent ``:parent``)."""
+    free = (
+        select(pending.c.seq)
+        .where(
+            pending.c.seq > bindparam("after"),
+            pending.c.seq <= bindparam("upto"),
+            pending.c.claimed_by.is_(None),
+        )
+        .order_by(pending.c.seq)
+        .limit(bindparam("limit"))
+    )
+    if by_parent:
+        free = free.join_from(pending, tasks, pending.c.task_id == tasks.c.task_id).where(
+            tasks.c.parent_task_id == bindparam("parent")
+        )
+    return (
+        pending.update()
+        .where(pending.c.seq.in_(free.scalar_subquery()))
+        .values(claimed_by=bindparam("claimer"), claimed_at=bindparam("now"))
+    )
+
+
+@cache
+def claimed_items() -> AnySelect:
+    """The items ``:claimer`` holds, in enqueue order, with their tasks."""
+    return (
+        select(pending.c.seq, *TASK_COLUMNS)
+        .join_from(pending, tasks, pending.c.task_id == tasks.c.task_id)
+        .where(pending.c.claimed_by == bindparam("claimer"))
+        .order_by(pending.c.seq)
+    )
+
+
+@cache
+def acknowledge_claimed() -> Delete:
+    """Remove one item ``:claimer`` holds (its merge is done)."""
+    return delete(pending).where(
+        pending.c.seq == bindparam("seq"), pending.c.claimed_by == bindparam("claimer")
+    )
+
+
+@cache
+def acknowledge_all_claimed() -> Delete:
+    """Remove every item ``:claimer`` holds (a batch merge succeeded)."""
+    return delete(pending).where(pending.c.claimed_by == bindparam("claimer"))

@@ -29,12 +29,13 @@ __all__ = [
     "KNOWN_REVISIONS",
     "background_tasks",
     "metadata",
+    "owners",
     "pending_queue",
 ]
 
 #: Alembic revisions this code knows, oldest first; the last one is the schema it needs.
 #: ``tests/test_migrations.py`` checks these against ``migrations/versions``.
-KNOWN_REVISIONS: tuple[str, ...] = ("0001",)
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
 HEAD_REVISION: str = KNOWN_REVISIONS[-1]
 
 metadata = MetaData(
@@ -62,10 +63,13 @@ background_tasks = Table(
     Column("error", Text, nullable=True),
     Column("created_at", String(26), nullable=False),
     Column("updated_at", String(26), nullable=False),
+    # The handler that submitted the task (owners.owner_id); settles orphans.
+    Column("owner_id", String, nullable=True),
     CheckConstraint(f"status IN ({_STATUSES})", name="status"),
     CheckConstraint(f"merge_mode IS NULL OR merge_mode IN ({_MERGE_MODES})", name="merge_mode"),
     Index(None, "parent_task_id"),
     Index(None, "status", "created_at"),
+    Index(None, "owner_id"),
 )
 
 pending_queue = Table(
@@ -81,4 +85,22 @@ pending_queue = Table(
         unique=True,
     ),
     Column("enqueued_at", String(26), nullable=False),
+    # A drain holding this item: "<owner_id>/<drain number>", NULL when free.
+    Column("claimed_by", String, nullable=True),
+    Column("claimed_at", String(26), nullable=True),
+)
+
+owners = Table(
+    "owners",
+    metadata,
+    # One row per live handler; its heartbeat renews lease_expires_at.
+    Column("owner_id", String, primary_key=True),
+    Column("host", String, nullable=False),
+    Column("boot_id", String, nullable=True),  # tells a reboot (pids start over) apart
+    Column("pid", Integer, nullable=False),
+    Column("process_start", String, nullable=True),  # tells a reused pid apart
+    Column("started_at", String(26), nullable=False),
+    Column("heartbeat_at", String(26), nullable=False),
+    Column("lease_expires_at", String(26), nullable=False),
+    Column("closed_at", String(26), nullable=True),  # set by a clean close
 )

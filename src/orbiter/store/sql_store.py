@@ -9,11 +9,15 @@ identity map, so the object ``submit``/``get_task`` returned reflects this handl
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Row
@@ -32,7 +36,7 @@ from orbiter.errors import (
 )
 from orbiter.migrate import ensure_schema
 from orbiter.store import queries
-from orbiter.store.codec import Codec, encode_value, utc_now_text
+from orbiter.store.codec import TIMESTAMP_FORMAT, Codec, encode_value, utc_now_text
 from orbiter.store.engine import (
     DatabaseTarget,
     Synchronous,
@@ -40,14 +44,17 @@ from orbiter.store.engine import (
     create_private_file,
     create_sync_engine,
 )
+from orbiter.store.heartbeat import Heartbeat
+from orbiter.store.owner import OwnerIdentity, owner_gone_reason
 from orbiter.store.worker import CommitWorker
 
 __all__ = ["SqlStore"]
 
 logger = logging.getLogger(__name__)
 
-#: Rows a drain reads per query: bounds its memory whatever the queue's length.
-DRAIN_BATCH = 500
+#: Items a drain claims per query: bounds its memory whatever the queue's length, and
+#: lets concurrent drains share a long queue.
+DRAIN_BATCH = 100
 
 #: A task row as the queries return it (see ``queries.TASK_COLUMNS``).
 TaskRow = Sequence[Any]
@@ -65,6 +72,9 @@ class SqlStore:
         max_value_bytes: Largest encoded payload or result accepted.
         poll_interval: Seconds between checks for results queued by other processes
             while ``PendingQueue.wait`` waits.
+        heartbeat_interval: Seconds between renewals of this handler's lease.
+        lease_timeout: Seconds after its last heartbeat when a silent handler counts as
+            gone (its running tasks become orphans, its claimed items free).
     """
 
     def __init__(
@@ -77,8 +87,13 @@ class SqlStore:
         codec: Codec,
         max_value_bytes: int,
         poll_interval: float,
+        heartbeat_interval: float,
+        lease_timeout: float,
     ) -> None:
         self.pending_signal = Signal()
+        self.identity = OwnerIdentity.of_this_process()
+        self._lease_timeout = lease_timeout
+        self._drains = itertools.count(1)
         self._target = target
         self._where = target.describe()
         self._codec = codec
@@ -103,6 +118,12 @@ class SqlStore:
         self._worker = CommitWorker(
             engine, translate=self._translate, synchronous=synchronous, name="orbiter-bg-commit"
         )
+        try:
+            self._worker.call(self._register_owner)
+        except BaseException:
+            self._worker.close()
+            raise
+        self._heartbeat = Heartbeat(self._worker, self._renew_lease, heartbeat_interval)
 
     # -- opening and errors --------------------------------------------------------
 
@@ -163,6 +184,7 @@ class SqlStore:
             "status": task.status.value,
             "payload": self._encode(task.payload, "payload"),
             "now": utc_now_text(),
+            "owner_id": self.identity.owner_id,
         }
 
         def insert(connection: Connection) -> None:
@@ -247,6 +269,7 @@ class SqlStore:
             "result": self._encode(task.result, "result") if task.is_complete else None,
             "error": task.error,
             "now": now,
+            "owner_id": self.identity.owner_id,
         }
 
         def push(connection: Connection) -> None:
@@ -258,15 +281,12 @@ class SqlStore:
         self.pending_signal.notify()
 
     def pop_all_pending(self) -> list[BackgroundTask]:
+        claimer = self._new_claimer()
+
         def pop_all(connection: Connection) -> list[Row[Any]]:
-            upto = connection.execute(queries.max_pending_seq()).scalar()
-            if upto is None:
-                return []
-            rows = connection.execute(
-                queries.pending_batch(), {"after": 0, "upto": upto, "limit": -1}
-            ).all()
-            connection.execute(queries.delete_pending_through(), {"upto": upto})
-            return list(rows)
+            rows = self._claim(connection, claimer, None, after=0, upto=None, limit=-1)
+            connection.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
+            return rows
 
         rows = self._worker.call(pop_all)
         return [self._task_from_row(row[1:]) for row in rows]
@@ -278,7 +298,9 @@ class SqlStore:
         )
         return int(count)
 
-    async def iter_pending(self) -> AsyncIterator[BackgroundTask]:
+    async def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
+        claimer = self._new_claimer()
+
         def newest(connection: Connection) -> int | None:
             return connection.execute(queries.max_pending_seq()).scalar()
 
@@ -286,17 +308,178 @@ class SqlStore:
         if upto is None:
             return
         after = 0
-        while True:
-            batch = await self._worker.acall(_read_batch(after, upto), writes=False)
-            if not batch:
-                return
-            for row in batch:
-                yield self._task_from_row(row[1:])
-                # The consumer asked for the next item, so it has merged this one:
-                # remove it before handing out the next (a process-crash-safe commit;
-                # losing it to power loss means a redelivery, never a loss).
-                after = row[0]
-                await self._worker.acall(_acknowledge(after), relaxed=True)
+        try:
+            while True:
+                batch = await self._worker.acall(
+                    partial(
+                        self._claim,
+                        claimer=claimer,
+                        parent=parent_task_id,
+                        after=after,
+                        upto=upto,
+                        limit=DRAIN_BATCH,
+                    )
+                )
+                if not batch:
+                    return
+                for row in batch:
+                    yield self._task_from_row(row[1:])
+                    # The consumer asked for the next item, so it has merged this one:
+                    # remove it before handing out the next (a process-crash-safe commit;
+                    # losing it to power loss means a redelivery, never a loss).
+                    after = row[0]
+                    await self._worker.acall(
+                        partial(self._acknowledge, claimer, after), relaxed=True
+                    )
+        finally:
+            # Stopped early (the consumer raised or broke off): free what we still hold.
+            if not self._worker.closed:
+                await self._worker.acall(partial(self._release, claimer), relaxed=True)
+
+    async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
+        """Claim every free pending item (of one parent), for an all-or-nothing merge."""
+        claimer = self._new_claimer()
+        rows = await self._worker.acall(
+            partial(
+                self._claim, claimer=claimer, parent=parent_task_id, after=0, upto=None, limit=-1
+            )
+        )
+        return claimer, [self._task_from_row(row[1:]) for row in rows]
+
+    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
+        """Acknowledge (``merged``) or release every item of a claimed batch."""
+        if merged:
+            await self._worker.acall(
+                lambda connection: connection.execute(
+                    queries.acknowledge_all_claimed(), {"claimer": claimer}
+                )
+            )
+        else:
+            await self._worker.acall(partial(self._release, claimer), relaxed=True)
+
+    # -- claims ----------------------------------------------------------------------
+
+    def _new_claimer(self) -> str:
+        return f"{self.identity.owner_id}/{next(self._drains)}"
+
+    def _claim(
+        self,
+        connection: Connection,
+        claimer: str,
+        parent: str | None,
+        *,
+        after: int,
+        upto: int | None,
+        limit: int,
+    ) -> list[Row[Any]]:
+        """Free items held by gone drains, then claim the next free ones for ``claimer``."""
+        now = utc_now_text()
+        self._release_dead_claims(connection, now)
+        if upto is None:
+            upto = connection.execute(queries.max_pending_seq()).scalar()
+            if upto is None:
+                return []
+        params = {
+            "claimer": claimer,
+            "now": now,
+            "after": after,
+            "upto": upto,
+            "limit": limit,
+            "parent": parent,
+        }
+        connection.execute(queries.claim_pending(parent is not None), params)
+        return list(connection.execute(queries.claimed_items(), {"claimer": claimer}).all())
+
+    def _release_dead_claims(self, connection: Connection, now: str) -> None:
+        held = [row[0] for row in connection.execute(queries.claimers())]
+        others = [c for c in held if not c.startswith(self.identity.owner_id + "/")]
+        if not others:
+            return
+        owners_by_id = self._owner_rows(connection)
+        for claimer in others:
+            owner_row = owners_by_id.get(claimer.split("/", 1)[0])
+            reason = owner_gone_reason(owner_row, self.identity, now)
+            if reason is not None:
+                logger.warning("released pending items held by a gone drain (%s)", reason)
+                connection.execute(queries.release_claims(), {"claimer": claimer})
+
+    @staticmethod
+    def _acknowledge(claimer: str, seq: int, connection: Connection) -> None:
+        deleted = connection.execute(
+            queries.acknowledge_claimed(), {"seq": seq, "claimer": claimer}
+        ).rowcount
+        if deleted == 0:
+            logger.warning(
+                "pending item %d was taken over by another drain while this one held it "
+                "(this process was thought gone): it may be merged twice",
+                seq,
+            )
+
+    @staticmethod
+    def _release(claimer: str, connection: Connection) -> None:
+        connection.execute(queries.release_claims(), {"claimer": claimer})
+
+    # -- owners ------------------------------------------------------------------------
+
+    @staticmethod
+    def _owner_rows(connection: Connection) -> dict[str, Row[Any]]:
+        return {row.owner_id: row for row in connection.execute(queries.select_owners())}
+
+    def _lease_params(self) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        expires = now + timedelta(seconds=self._lease_timeout)
+        return {
+            "now": now.strftime(TIMESTAMP_FORMAT),
+            "lease_expires_at": expires.strftime(TIMESTAMP_FORMAT),
+        }
+
+    def _register_owner(self, connection: Connection) -> None:
+        connection.execute(
+            queries.register_owner(), {**self.identity.as_row(), **self._lease_params()}
+        )
+
+    def _renew_lease(self, connection: Connection) -> None:
+        connection.execute(
+            queries.renew_lease(), {"id": self.identity.owner_id, **self._lease_params()}
+        )
+
+    async def recover_orphans(
+        self, action: str, protect: Collection[str] = ()
+    ) -> list[tuple[BackgroundTask, str]]:
+        """Settle the active tasks of gone owners; see ``BackgroundTaskHandler.recover_orphans``."""
+        me = self.identity
+
+        def recover(connection: Connection) -> list[tuple[TaskRow, str]]:
+            now = utc_now_text()
+            owners_by_id = self._owner_rows(connection)
+            settled: list[tuple[TaskRow, str]] = []
+            for (owner_id,) in connection.execute(queries.owners_of_active_tasks()).all():
+                if owner_id == me.owner_id or owner_id in protect:
+                    continue
+                reason = owner_gone_reason(owners_by_id.get(owner_id), me, now)
+                if reason is None:
+                    continue
+                params = {
+                    "owner": owner_id,
+                    "now": now,
+                    "me": me.owner_id,
+                    "error": f"orphaned: {reason}",
+                }
+                rows = connection.execute(queries.settle_orphans(action), params).all()
+                settled.extend((tuple(row), reason) for row in rows)
+            for owner_id, row in owners_by_id.items():
+                if owner_id != me.owner_id and owner_gone_reason(row, me, now) is not None:
+                    self._forget_owner_if_unused(connection, owner_id)
+            return settled
+
+        rows = await self._worker.acall(recover)
+        return [(self._task_from_row(row), reason) for row, reason in rows]
+
+    @staticmethod
+    def _forget_owner_if_unused(connection: Connection, owner_id: str) -> None:
+        if not connection.execute(queries.owner_has_active_tasks(), {"id": owner_id}).scalar():
+            connection.execute(queries.release_claims_of_owner(), {"prefix": owner_id + "/%"})
+            connection.execute(queries.delete_owner(), {"id": owner_id})
 
     async def wait_pending(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -317,23 +500,16 @@ class SqlStore:
             await self.pending_signal.wait_for_change(seen, step)
 
     def close(self) -> None:
+        if self._worker.closed:
+            return
+        self._heartbeat.stop()
+        with contextlib.suppress(BackgroundTaskError):
+            self._worker.call(
+                lambda connection: connection.execute(
+                    queries.close_owner(), {"id": self.identity.owner_id, "now": utc_now_text()}
+                )
+            )
         self._worker.close()
 
     async def aclose(self) -> None:
-        await asyncio.to_thread(self._worker.close)
-
-
-def _read_batch(after: int, upto: int) -> Callable[[Connection], list[Row[Any]]]:
-    params = {"after": after, "upto": upto, "limit": DRAIN_BATCH}
-
-    def read(connection: Connection) -> list[Row[Any]]:
-        return list(connection.execute(queries.pending_batch(), params).all())
-
-    return read
-
-
-def _acknowledge(seq: int) -> Callable[[Connection], None]:
-    def acknowledge(connection: Connection) -> None:
-        connection.execute(queries.delete_pending_item(), {"seq": seq})
-
-    return acknowledge
+        await asyncio.to_thread(self.close)

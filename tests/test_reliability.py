@@ -1,0 +1,340 @@
+"""Crash-proof and multi-process behaviour: orphans, exclusive draining, per-run draining,
+all-or-nothing restores, cross-process wake-up, and hostile values."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler, MergeMode
+from orbiter._internal.state import RunNodeStatus, RunState
+from orbiter.errors import BackgroundTaskError
+from tests.conftest import run_helper
+from tests.test_crash import kill, read_until, start_child
+
+
+async def queue_results(handler: BackgroundTaskHandler, parent: str, count: int) -> list[str]:
+    ids = [f"{parent}-{index}" for index in range(count)]
+    for task_id in ids:
+        handler.submit(task_id, parent)
+        await handler.handle_result(task_id, task_id.upper(), is_main_running=False)
+    return ids
+
+
+def kill_after_submits(db_path: Path, count: int) -> None:
+    child = start_child("submit", str(db_path), "100000")
+    read_until(child, f"submitted {count - 1}")
+    kill(child)
+
+
+# -- orphans ---------------------------------------------------------------------------
+
+
+async def test_orphans_of_a_killed_process_are_failed_at_once(db_path: Path) -> None:
+    kill_after_submits(db_path, 5)
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        mine = handler.submit("mine", "run")
+        settled = await handler.recover_orphans()
+        assert {t.task_id for t in settled} >= {f"t{i}" for i in range(5)}
+        for task in settled:
+            assert task.status is RunNodeStatus.FAILED
+            assert task.error is not None and task.error.startswith("orphaned: owner process")
+            assert "exited" in task.error
+        assert mine.status is RunNodeStatus.RUNNING
+        assert await handler.recover_orphans() == []  # idempotent
+        with pytest.raises(BackgroundTaskError, match="already completed"):
+            await handler.handle_result("t0", "too late")
+
+
+async def test_orphans_can_time_out(db_path: Path) -> None:
+    kill_after_submits(db_path, 3)
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        settled = await handler.recover_orphans("timeout")
+        assert settled and all(t.status is RunNodeStatus.TIMEOUT for t in settled)
+        assert handler.list_tasks(status=RunNodeStatus.RUNNING) == []
+
+
+async def test_orphans_can_be_resubmitted(db_path: Path) -> None:
+    kill_after_submits(db_path, 3)
+    restarted: list[tuple[str, object]] = []
+    async with BackgroundTaskHandler(database=db_path) as handler:
+
+        async def resubmit(task: BackgroundTask) -> None:
+            restarted.append((task.task_id, task.payload))
+
+        settled = await handler.recover_orphans("resubmit", resubmit=resubmit)
+        assert [t for t, _ in restarted][:3] == ["t0", "t1", "t2"]
+        assert restarted[0][1] == {"index": 0}
+        assert all(t.status is RunNodeStatus.RUNNING for t in settled)
+        # Adopted: no longer orphans, and the restarted work can deliver its result.
+        assert await handler.recover_orphans() == []
+        assert (
+            await handler.handle_result("t0", "redone", is_main_running=False) is MergeMode.WAKEUP
+        )
+
+
+async def test_failing_resubmit_marks_the_task_failed(db_path: Path) -> None:
+    kill_after_submits(db_path, 1)
+    async with BackgroundTaskHandler(database=db_path) as handler:
+
+        def resubmit(task: BackgroundTask) -> None:
+            raise RuntimeError("no capacity")
+
+        (task, *_) = await handler.recover_orphans("resubmit", resubmit=resubmit)
+        assert task.status is RunNodeStatus.FAILED
+        assert "resubmit failed: no capacity" in (task.error or "")
+
+
+async def test_recover_orphans_bad_arguments(durable: BackgroundTaskHandler) -> None:
+    with pytest.raises(BackgroundTaskError, match="action must be one of"):
+        await durable.recover_orphans("explode")
+    with pytest.raises(BackgroundTaskError, match="resubmit="):
+        await durable.recover_orphans("resubmit")
+    with pytest.raises(BackgroundTaskError, match="resubmit="):
+        await durable.recover_orphans("fail", resubmit=lambda task: None)
+
+
+async def test_live_owners_are_never_touched(db_path: Path) -> None:
+    child = start_child("submit", str(db_path), "100000")
+    try:
+        read_until(child, "submitted 4")
+        async with (
+            BackgroundTaskHandler(database=db_path) as other,
+            BackgroundTaskHandler(database=db_path) as recoverer,
+        ):
+            other.submit("other", "run")
+            assert await recoverer.recover_orphans() == []
+            assert other.get_task("other").status is RunNodeStatus.RUNNING  # type: ignore[union-attr]
+    finally:
+        kill(child)
+
+
+async def test_a_closed_handler_leaves_orphans(db_path: Path) -> None:
+    state = RunState("agent")
+    async with BackgroundTaskHandler(database=db_path) as first:
+        first.submit("left", "run")
+    async with BackgroundTaskHandler(state, database=db_path) as second:
+        second.submit("kept", "run")
+        (task,) = await second.recover_orphans("timeout")
+        assert task.task_id == "left" and task.status is RunNodeStatus.TIMEOUT
+
+
+async def test_expired_lease_on_another_host_makes_orphans(db_path: Path) -> None:
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("remote-ok", "run")
+        handler.submit("remote-dead", "run")
+        with sqlite3.connect(db_path) as connection:
+            for task_id, expiry in (("remote-ok", "9999-01-01"), ("remote-dead", "2000-01-01")):
+                owner = f"owner-{task_id}"
+                connection.execute(
+                    "INSERT INTO owners (owner_id, host, pid, started_at, heartbeat_at, "
+                    "lease_expires_at) VALUES (?, 'elsewhere', 1, ?, ?, ?)",
+                    (owner, expiry, expiry, expiry),
+                )
+                connection.execute(
+                    "UPDATE background_tasks SET owner_id = ? WHERE task_id = ?", (owner, task_id)
+                )
+        settled = await handler.recover_orphans()
+        assert [t.task_id for t in settled] == ["remote-dead"]
+        assert "stopped renewing its lease" in (settled[0].error or "")
+
+
+async def test_heartbeat_renews_the_lease(db_path: Path) -> None:
+    async with BackgroundTaskHandler(
+        database=db_path, heartbeat_interval=0.05, lease_timeout=1
+    ) as handler:
+        handler.submit("a", "run")
+
+        def lease() -> str:
+            with sqlite3.connect(db_path) as connection:
+                return str(connection.execute("SELECT max(heartbeat_at) FROM owners").fetchone()[0])
+
+        first = lease()
+        await asyncio.sleep(0.3)
+        assert lease() > first
+
+
+def test_concurrent_recovery_settles_each_orphan_once(db_path: Path) -> None:
+    kill_after_submits(db_path, 60)
+    import subprocess
+    import sys
+
+    from tests.conftest import HELPERS
+
+    recoverers = [
+        subprocess.Popen(
+            [sys.executable, str(HELPERS / "child.py"), "recover", str(db_path), "fail"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    settled = [json.loads(r.communicate(timeout=120)[0]) for r in recoverers]
+    flat = [task_id for batch in settled for task_id in batch]
+    assert len(flat) == len(set(flat)) >= 60
+
+
+# -- exclusive draining -------------------------------------------------------------------
+
+
+async def test_concurrent_drains_in_one_process_never_share_items(
+    make_handler: object, durable: BackgroundTaskHandler
+) -> None:
+    ids = await queue_results(durable, "run", 40)
+
+    async def drain() -> list[str]:
+        got = []
+        async for task in durable.drain_pending():
+            got.append(task.task_id)
+            await asyncio.sleep(0)
+        return got
+
+    first, second = await asyncio.gather(drain(), drain())
+    assert not set(first) & set(second)
+    assert sorted(first + second) == sorted(ids)
+    assert durable.pending_queue.empty
+
+
+def test_two_processes_draining_never_share_items(db_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import HELPERS
+
+    asyncio.run(_queue_in_new_handler(db_path, 1000))
+    drainers = [
+        subprocess.Popen(
+            [sys.executable, str(HELPERS / "child.py"), "drain_all", str(db_path), "", "0.002"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    results = [json.loads(d.communicate(timeout=120)[0]) for d in drainers]
+    assert results[0] and results[1], "the drains did not overlap; the test proves nothing"
+    assert not set(results[0]) & set(results[1])
+    assert len(results[0]) + len(results[1]) == 1000
+
+
+async def _queue_in_new_handler(db_path: Path, count: int) -> list[str]:
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        return await queue_results(handler, "run", count)
+
+
+def test_items_held_by_a_killed_drainer_are_drainable_at_once(db_path: Path) -> None:
+    ids = asyncio.run(_queue_in_new_handler(db_path, 10))
+    drainer = start_child("drain_hold", str(db_path), "2")
+    read_until(drainer, f"holding {ids[2]}")
+    # While it lives, its claimed items are not handed to anyone else.
+    assert json.loads(run_helper("child.py", "drain_all", str(db_path))) == []
+    kill(drainer)
+    assert json.loads(run_helper("child.py", "drain_all", str(db_path))) == ids[2:]
+
+
+async def test_drain_one_run_only(durable: BackgroundTaskHandler) -> None:
+    x_ids = await queue_results(durable, "X", 3)
+    y_ids = await queue_results(durable, "Y", 2)
+    assert [t.task_id async for t in durable.drain_pending(parent_task_id="X")] == x_ids
+    assert durable.pending_queue.size == 2
+    assert [t.task_id async for t in durable.drain_pending()] == y_ids
+
+
+async def test_drain_one_run_only_in_memory() -> None:
+    handler = BackgroundTaskHandler()
+    x_ids = await queue_results(handler, "X", 3)
+    y_ids = await queue_results(handler, "Y", 2)
+    assert [t.task_id async for t in handler.drain_pending("Y")] == y_ids
+    assert [t.task_id async for t in handler.drain_pending()] == x_ids
+
+
+# -- all-or-nothing restore -------------------------------------------------------------
+
+
+async def test_restore_pending_acknowledges_together(handler: BackgroundTaskHandler) -> None:
+    merged: list[str] = []
+    handler.on_merge(lambda task, mode: merged.append(f"{task.task_id}:{mode.value}"))
+    x_ids = await queue_results(handler, "X", 3)
+    await queue_results(handler, "Y", 1)
+    async with handler.restore_pending("X") as results:
+        assert [t.task_id for t in results] == x_ids
+        assert [t.result for t in results] == [i.upper() for i in x_ids]
+        assert merged == [f"{i}:wakeup" for i in x_ids]
+        # Claimed: a concurrent drain does not see them.
+        assert [t.task_id async for t in handler.drain_pending("X")] == []
+    assert handler.pending_queue.size == 1
+
+
+async def test_restore_pending_keeps_everything_when_the_merge_fails(
+    handler: BackgroundTaskHandler,
+) -> None:
+    ids = await queue_results(handler, "X", 3)
+    with pytest.raises(RuntimeError, match="merge failed"):
+        async with handler.restore_pending("X") as results:
+            assert len(results) == 3
+            raise RuntimeError("merge failed")
+    async with handler.restore_pending("X") as again:
+        assert [t.task_id for t in again] == ids
+
+
+def test_restore_pending_killed_mid_merge_keeps_everything(db_path: Path) -> None:
+    ids = asyncio.run(_queue_in_new_handler(db_path, 4))
+    holder = start_child("restore_hold", str(db_path), "run")
+    read_until(holder, "holding 4")
+    kill(holder)
+    assert json.loads(run_helper("child.py", "drain_all", str(db_path), "run")) == ids
+
+
+# -- cross-process wake-up ----------------------------------------------------------------
+
+
+def test_wait_wakes_when_another_process_queues_a_result(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    waiter = start_child("wait", str(db_path), "30")
+    read_until(waiter, "waiting")
+    run_helper("child.py", "queue_one", str(db_path), "from-elsewhere")
+    out, _ = waiter.communicate(timeout=60)
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["found"] is True
+    assert report["elapsed"] < 10, report  # woken by the push, not by the 30 s timeout
+
+
+def test_idle_waiter_does_not_burn_a_core(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    out = run_helper("child.py", "wait", str(db_path), "2")
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["found"] is False
+    assert 1.9 <= report["elapsed"] < 10
+    # A busy loop would use ~2 s of CPU here; polling every 50 ms uses a few percent.
+    assert report["cpu"] < 0.5, report
+
+
+# -- hostile values -------------------------------------------------------------------------
+
+HOSTILE = [
+    "'; DROP TABLE background_tasks; --",
+    "quote \" and ' both",
+    "nul\x00inside",
+    "unicode ☃ é 𝄞",
+    "%_like_wildcards_%",
+    "/slashes/and\\backslashes",
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+async def test_hostile_ids_and_values_are_bound_parameters(db_path: Path, value: str) -> None:
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit(value, value, payload={value: value})
+        await handler.handle_result(value, [value], is_main_running=False)
+        handler.submit(value + "-x", value)
+        handler.handle_error(value + "-x", value)
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        task = handler.get_task(value)
+        assert task is not None and task.payload == {value: value} and task.result == [value]
+        assert handler.get_task(value + "-x").error == value  # type: ignore[union-attr]
+        assert [t.task_id async for t in handler.drain_pending(value)] == [value]
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT count(*) FROM background_tasks").fetchone() == (2,)
