@@ -117,7 +117,7 @@ class PendingQueue:
     @property
     def empty(self) -> bool:
         """Whether the queue has no pending items."""
-        return self.size == 0
+        return not self._store.has_pending()
 
 
 class BackgroundTaskHandler:

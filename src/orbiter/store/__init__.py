@@ -57,6 +57,10 @@ class TaskStore(Protocol):
         """Number of queued tasks."""
         ...
 
+    def has_pending(self) -> bool:
+        """Whether any task is queued (cheaper than counting a long queue)."""
+        ...
+
     def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
         """Yield queued tasks (of one parent, or all) in enqueue order, each claimed so no
         other drain gets it; each is removed when the consumer asks for the next one, and

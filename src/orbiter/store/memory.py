@@ -94,6 +94,10 @@ class MemoryStore:
         self._check_open()
         return len(self._pending)
 
+    def has_pending(self) -> bool:
+        self._check_open()
+        return bool(self._pending)
+
     def _claim(self, parent_task_id: str | None, claimer: str) -> list[BackgroundTask]:
         taken = [
             task

@@ -298,6 +298,9 @@ class SqlStore:
         )
         return int(count)
 
+    def has_pending(self) -> bool:
+        return bool(self._worker.call(_any_pending, writes=False))
+
     async def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
         claimer = self._new_claimer()
 
@@ -483,12 +486,9 @@ class SqlStore:
 
     async def wait_pending(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
-        has_pending = queries.has_pending()
         while True:
             seen = self.pending_signal.version
-            found = await self._worker.acall(
-                lambda connection: connection.execute(has_pending).scalar(), writes=False
-            )
+            found = await self._worker.acall(_any_pending, writes=False)
             if found:
                 return True
             step = self._poll_interval
@@ -513,3 +513,7 @@ class SqlStore:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+def _any_pending(connection: Connection) -> bool:
+    return bool(connection.execute(queries.has_pending()).scalar())
