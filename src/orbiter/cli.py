@@ -641,7 +641,7 @@ def _list_orphans(target: DatabaseTarget) -> list[dict[str, Any]]:
     me, now = OwnerIdentity.of_this_process(), utc_now_text()
     found: list[dict[str, Any]] = []
     with open_for_reading(target) as connection:
-        owners = {row.owner_id: row for row in connection.execute(select_owners())}
+        owners = {row.owner_id: dict(row._mapping) for row in connection.execute(select_owners())}
         for row in connection.execute(q.active_tasks_with_owner()):
             reason = owner_gone_reason(owners.get(row.owner_id), me, now)
             if reason is not None:

@@ -10,6 +10,7 @@ handler keeps everything in memory, exactly like the reference module.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -60,6 +61,17 @@ def _check_id(value: object, name: str) -> str:
     if not value:
         raise InvalidValueError(f"{name} must not be empty")
     return value
+
+
+async def _let_abandoned_drains_finish() -> None:
+    """Give drains whose consumer raised or broke off the loop turns they need to close.
+
+    Python closes an abandoned async generator by scheduling ``aclose()`` on the loop
+    (one turn to create the task, one to run it); closing frees the items it held, so a
+    new drain started right after sees them.
+    """
+    for _ in range(2):
+        await asyncio.sleep(0)
 
 
 class PendingQueue:
@@ -349,9 +361,11 @@ class BackgroundTaskHandler:
         """
         if parent_task_id is not None:
             _check_id(parent_task_id, "parent_task_id")
-        async for task in self._store.iter_pending(parent_task_id):
-            await self._notify_merge(task, MergeMode.WAKEUP)
-            yield task
+        await _let_abandoned_drains_finish()
+        async with contextlib.aclosing(self._store.iter_pending(parent_task_id)) as pending:
+            async for task in pending:
+                await self._notify_merge(task, MergeMode.WAKEUP)
+                yield task
 
     @contextlib.asynccontextmanager
     async def restore_pending(
@@ -370,6 +384,7 @@ class BackgroundTaskHandler:
         """
         if parent_task_id is not None:
             _check_id(parent_task_id, "parent_task_id")
+        await _let_abandoned_drains_finish()
         claimer, tasks = await self._store.claim_batch(parent_task_id)
         try:
             for task in tasks:

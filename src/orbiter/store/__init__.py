@@ -8,7 +8,7 @@ and :class:`~orbiter.store.sql_store.SqlStore` (a SQLite file, durable on return
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from typing import Any, Protocol
 
 from orbiter._internal.signal import Signal
@@ -61,7 +61,7 @@ class TaskStore(Protocol):
         """Whether any task is queued (cheaper than counting a long queue)."""
         ...
 
-    def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
+    def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
         """Yield queued tasks (of one parent, or all) in enqueue order, each claimed so no
         other drain gets it; each is removed when the consumer asks for the next one, and
         what is still held is freed if the consumer stops early."""

@@ -11,9 +11,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from sqlalchemy import Connection
-
 from orbiter.errors import HandlerClosedError
+from orbiter.store.executor import Db
 from orbiter.store.worker import CommitWorker
 
 __all__ = ["Heartbeat"]
@@ -24,9 +23,7 @@ logger = logging.getLogger(__name__)
 class Heartbeat:
     """Every ``interval`` seconds, queue ``renew`` on ``worker`` (without waiting for it)."""
 
-    def __init__(
-        self, worker: CommitWorker, renew: Callable[[Connection], None], interval: float
-    ) -> None:
+    def __init__(self, worker: CommitWorker, renew: Callable[[Db], None], interval: float) -> None:
         self._worker = worker
         self._renew = renew
         self._interval = interval

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from typing import Any
 
 from orbiter._internal.signal import Signal
@@ -118,7 +118,9 @@ class MemoryStore:
         for key in [key for key, holder in self._claims.items() if holder == claimer]:
             del self._claims[key]
 
-    async def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
+    async def iter_pending(
+        self, parent_task_id: str | None
+    ) -> AsyncGenerator[BackgroundTask, None]:
         self._check_open()
         claimer = f"drain/{next(self._drains)}"
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,26 +86,30 @@ class OwnerIdentity:
         }
 
 
-def owner_gone_reason(row: Any | None, me: OwnerIdentity, now: str) -> str | None:
+def owner_gone_reason(row: Mapping[str, Any] | None, me: OwnerIdentity, now: str) -> str | None:
     """Why the owner described by an ``owners`` row is gone, or None if it may be alive.
 
     Args:
-        row: The owner's row (with the ``owners`` columns), or None if there is none.
+        row: The owner's row (``owners`` columns by name), or None if there is none.
         me: This handler's identity (tells which host we can check pids on).
         now: The current time as stored text.
     """
     if row is None:
         return "owner unknown (no heartbeat row)"
-    if row.owner_id == me.owner_id:
+    if row["owner_id"] == me.owner_id:
         return None
-    if row.closed_at is not None:
-        return f"owner {row.host}:{row.pid} closed its handler"
-    if row.host == me.host and row.boot_id is not None and row.boot_id == me.boot_id:
-        if not pid_running(row.pid):
-            return f"owner process {row.host}:{row.pid} exited"
-        state = process_state(row.pid)
-        if row.process_start is not None and state is not None and state[1] != row.process_start:
-            return f"owner process {row.host}:{row.pid} exited (its pid was reused)"
-    if row.lease_expires_at < now:
-        return f"owner {row.host}:{row.pid} stopped renewing its lease"
+    if row["closed_at"] is not None:
+        return f"owner {row['host']}:{row['pid']} closed its handler"
+    if row["host"] == me.host and row["boot_id"] is not None and row["boot_id"] == me.boot_id:
+        if not pid_running(row["pid"]):
+            return f"owner process {row['host']}:{row['pid']} exited"
+        state = process_state(row["pid"])
+        if (
+            row["process_start"] is not None
+            and state is not None
+            and state[1] != row["process_start"]
+        ):
+            return f"owner process {row['host']}:{row['pid']} exited (its pid was reused)"
+    if row["lease_expires_at"] < now:
+        return f"owner {row['host']}:{row['pid']} stopped renewing its lease"
     return None

@@ -10,7 +10,19 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Delete, Insert, Select, Update, bindparam, delete, exists, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Delete,
+    Insert,
+    Select,
+    Update,
+    bindparam,
+    delete,
+    exists,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orbiter.store.schema import background_tasks as tasks
@@ -39,6 +51,13 @@ AnySelect = Select[*tuple[Any, ...]]
 
 #: Statuses from which a task may still complete.
 ACTIVE_STATUSES = ("init", "running")
+
+
+def _is_active() -> ColumnElement[bool]:
+    """``status IN ('init', 'running')`` with one plain parameter per value (no expanding
+    parameter, so the statement compiles once to fixed SQL text)."""
+    return tasks.c.status.in_([literal(status) for status in ACTIVE_STATUSES])
+
 
 #: The task columns, in the order :func:`select_task` and friends return them.
 TASK_COLUMNS = (
@@ -100,7 +119,7 @@ def upsert_task() -> Insert:
 def _finish(**values: object) -> Update:
     return (
         tasks.update()
-        .where(tasks.c.task_id == bindparam("id"), tasks.c.status.in_(ACTIVE_STATUSES))
+        .where(tasks.c.task_id == bindparam("id"), _is_active())
         .values(updated_at=bindparam("now"), **values)
         .returning(tasks.c.parent_task_id, tasks.c.payload)
     )
@@ -240,15 +259,13 @@ def select_owners() -> AnySelect:
 @cache
 def owners_of_active_tasks() -> AnySelect:
     """The distinct owners of tasks that have not finished (NULL for unknown)."""
-    return select(tasks.c.owner_id).where(tasks.c.status.in_(ACTIVE_STATUSES)).distinct()
+    return select(tasks.c.owner_id).where(_is_active()).distinct()
 
 
 @cache
 def owner_has_active_tasks() -> AnySelect:
     """Whether owner ``:id`` still has unfinished tasks."""
-    return select(
-        exists().where(tasks.c.owner_id == bindparam("id"), tasks.c.status.in_(ACTIVE_STATUSES))
-    )
+    return select(exists().where(tasks.c.owner_id == bindparam("id"), _is_active()))
 
 
 @cache
@@ -259,7 +276,7 @@ def settle_orphans(action: str) -> Update:
     (the task stays active and becomes ``:me``'s). Returns the settled rows.
     """
     stmt = tasks.update().where(
-        tasks.c.status.in_(ACTIVE_STATUSES),
+        _is_active(),
         tasks.c.owner_id.is_not_distinct_from(bindparam("owner")),
     )
     if action == "adopt":

@@ -15,12 +15,11 @@ import logging
 import sqlite3
 import time
 import weakref
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Connection, Row
 from sqlalchemy import exc as sa_exc
 
 from orbiter._internal.signal import Signal
@@ -44,6 +43,7 @@ from orbiter.store.engine import (
     create_private_file,
     create_sync_engine,
 )
+from orbiter.store.executor import Db
 from orbiter.store.heartbeat import Heartbeat
 from orbiter.store.owner import OwnerIdentity, owner_gone_reason
 from orbiter.store.worker import CommitWorker
@@ -187,8 +187,8 @@ class SqlStore:
             "owner_id": self.identity.owner_id,
         }
 
-        def insert(connection: Connection) -> None:
-            if connection.execute(queries.insert_task(), params).rowcount == 0:
+        def insert(db: Db) -> None:
+            if db.changes(queries.insert_task(), params) == 0:
                 raise DuplicateTaskError(params["task_id"])
 
         self._worker.call(insert)
@@ -197,15 +197,15 @@ class SqlStore:
     def _finish_op(
         self, task_id: str, statement: Any, params: dict[str, Any], enqueue: bool
     ) -> Any:
-        def finish(connection: Connection) -> TaskRow:
-            row = connection.execute(statement, params).first()
+        def finish(db: Db) -> TaskRow:
+            row = db.first(statement, params)
             if row is None:
-                status = connection.execute(queries.task_status(), {"id": task_id}).scalar()
+                status = db.scalar(queries.task_status(), {"id": task_id})
                 if status is None:
                     raise TaskNotFoundError(task_id)
                 raise TaskAlreadyCompletedError(task_id, status)
             if enqueue:
-                connection.execute(queries.enqueue(), {"task_id": task_id, "now": params["now"]})
+                db.execute(queries.enqueue(), {"task_id": task_id, "now": params["now"]})
             return tuple(row)
 
         return finish
@@ -245,7 +245,7 @@ class SqlStore:
 
     def get(self, task_id: str) -> BackgroundTask | None:
         row = self._worker.call(
-            lambda connection: connection.execute(queries.select_task(), {"id": task_id}).first(),
+            lambda db: db.first(queries.select_task(), {"id": task_id}),
             writes=False,
         )
         return None if row is None else self._task_from_row(row)
@@ -253,9 +253,7 @@ class SqlStore:
     def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
         statement = queries.select_tasks(status is not None)
         params = {} if status is None else {"status": status.value}
-        rows = self._worker.call(
-            lambda connection: connection.execute(statement, params).all(), writes=False
-        )
+        rows = self._worker.call(lambda db: db.all(statement, params), writes=False)
         return [self._task_from_row(row) for row in rows]
 
     def push_pending(self, task: BackgroundTask) -> None:
@@ -272,9 +270,9 @@ class SqlStore:
             "owner_id": self.identity.owner_id,
         }
 
-        def push(connection: Connection) -> None:
-            connection.execute(queries.upsert_task(), params)
-            connection.execute(queries.enqueue(), {"task_id": params["task_id"], "now": now})
+        def push(db: Db) -> None:
+            db.execute(queries.upsert_task(), params)
+            db.execute(queries.enqueue(), {"task_id": params["task_id"], "now": now})
 
         self._worker.call(push)
         self._tasks[task.task_id] = task
@@ -283,9 +281,9 @@ class SqlStore:
     def pop_all_pending(self) -> list[BackgroundTask]:
         claimer = self._new_claimer()
 
-        def pop_all(connection: Connection) -> list[Row[Any]]:
-            rows = self._claim(connection, claimer, None, after=0, upto=None, limit=-1)
-            connection.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
+        def pop_all(db: Db) -> list[TaskRow]:
+            rows = self._claim(db, claimer, None, after=0, upto=None, limit=-1)
+            db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             return rows
 
         rows = self._worker.call(pop_all)
@@ -293,7 +291,7 @@ class SqlStore:
 
     def pending_count(self) -> int:
         count = self._worker.call(
-            lambda connection: connection.execute(queries.count_pending()).scalar_one(),
+            lambda db: db.scalar(queries.count_pending()),
             writes=False,
         )
         return int(count)
@@ -301,11 +299,13 @@ class SqlStore:
     def has_pending(self) -> bool:
         return bool(self._worker.call(_any_pending, writes=False))
 
-    async def iter_pending(self, parent_task_id: str | None) -> AsyncIterator[BackgroundTask]:
+    async def iter_pending(
+        self, parent_task_id: str | None
+    ) -> AsyncGenerator[BackgroundTask, None]:
         claimer = self._new_claimer()
 
-        def newest(connection: Connection) -> int | None:
-            return connection.execute(queries.max_pending_seq()).scalar()
+        def newest(db: Db) -> int | None:
+            return db.scalar(queries.max_pending_seq())  # type: ignore[no-any-return]
 
         upto = await self._worker.acall(newest, writes=False)
         if upto is None:
@@ -353,9 +353,7 @@ class SqlStore:
         """Acknowledge (``merged``) or release every item of a claimed batch."""
         if merged:
             await self._worker.acall(
-                lambda connection: connection.execute(
-                    queries.acknowledge_all_claimed(), {"claimer": claimer}
-                )
+                lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             )
         else:
             await self._worker.acall(partial(self._release, claimer), relaxed=True)
@@ -367,19 +365,19 @@ class SqlStore:
 
     def _claim(
         self,
-        connection: Connection,
+        db: Db,
         claimer: str,
         parent: str | None,
         *,
         after: int,
         upto: int | None,
         limit: int,
-    ) -> list[Row[Any]]:
+    ) -> list[TaskRow]:
         """Free items held by gone drains, then claim the next free ones for ``claimer``."""
         now = utc_now_text()
-        self._release_dead_claims(connection, now)
+        self._release_dead_claims(db, now)
         if upto is None:
-            upto = connection.execute(queries.max_pending_seq()).scalar()
+            upto = db.scalar(queries.max_pending_seq())
             if upto is None:
                 return []
         params = {
@@ -390,27 +388,25 @@ class SqlStore:
             "limit": limit,
             "parent": parent,
         }
-        connection.execute(queries.claim_pending(parent is not None), params)
-        return list(connection.execute(queries.claimed_items(), {"claimer": claimer}).all())
+        db.execute(queries.claim_pending(parent is not None), params)
+        return db.all(queries.claimed_items(), {"claimer": claimer})
 
-    def _release_dead_claims(self, connection: Connection, now: str) -> None:
-        held = [row[0] for row in connection.execute(queries.claimers())]
+    def _release_dead_claims(self, db: Db, now: str) -> None:
+        held = [row[0] for row in db.all(queries.claimers())]
         others = [c for c in held if not c.startswith(self.identity.owner_id + "/")]
         if not others:
             return
-        owners_by_id = self._owner_rows(connection)
+        owners_by_id = self._owner_rows(db)
         for claimer in others:
             owner_row = owners_by_id.get(claimer.split("/", 1)[0])
             reason = owner_gone_reason(owner_row, self.identity, now)
             if reason is not None:
                 logger.warning("released pending items held by a gone drain (%s)", reason)
-                connection.execute(queries.release_claims(), {"claimer": claimer})
+                db.execute(queries.release_claims(), {"claimer": claimer})
 
     @staticmethod
-    def _acknowledge(claimer: str, seq: int, connection: Connection) -> None:
-        deleted = connection.execute(
-            queries.acknowledge_claimed(), {"seq": seq, "claimer": claimer}
-        ).rowcount
+    def _acknowledge(claimer: str, seq: int, db: Db) -> None:
+        deleted = db.changes(queries.acknowledge_claimed(), {"seq": seq, "claimer": claimer})
         if deleted == 0:
             logger.warning(
                 "pending item %d was taken over by another drain while this one held it "
@@ -419,14 +415,14 @@ class SqlStore:
             )
 
     @staticmethod
-    def _release(claimer: str, connection: Connection) -> None:
-        connection.execute(queries.release_claims(), {"claimer": claimer})
+    def _release(claimer: str, db: Db) -> None:
+        db.execute(queries.release_claims(), {"claimer": claimer})
 
     # -- owners ------------------------------------------------------------------------
 
     @staticmethod
-    def _owner_rows(connection: Connection) -> dict[str, Row[Any]]:
-        return {row.owner_id: row for row in connection.execute(queries.select_owners())}
+    def _owner_rows(db: Db) -> dict[str, dict[str, Any]]:
+        return {row["owner_id"]: row for row in db.mappings(queries.select_owners())}
 
     def _lease_params(self) -> dict[str, Any]:
         now = datetime.now(UTC)
@@ -436,15 +432,11 @@ class SqlStore:
             "lease_expires_at": expires.strftime(TIMESTAMP_FORMAT),
         }
 
-    def _register_owner(self, connection: Connection) -> None:
-        connection.execute(
-            queries.register_owner(), {**self.identity.as_row(), **self._lease_params()}
-        )
+    def _register_owner(self, db: Db) -> None:
+        db.execute(queries.register_owner(), {**self.identity.as_row(), **self._lease_params()})
 
-    def _renew_lease(self, connection: Connection) -> None:
-        connection.execute(
-            queries.renew_lease(), {"id": self.identity.owner_id, **self._lease_params()}
-        )
+    def _renew_lease(self, db: Db) -> None:
+        db.execute(queries.renew_lease(), {"id": self.identity.owner_id, **self._lease_params()})
 
     async def recover_orphans(
         self, action: str, protect: Collection[str] = ()
@@ -452,11 +444,11 @@ class SqlStore:
         """Settle the active tasks of gone owners; see ``BackgroundTaskHandler.recover_orphans``."""
         me = self.identity
 
-        def recover(connection: Connection) -> list[tuple[TaskRow, str]]:
+        def recover(db: Db) -> list[tuple[TaskRow, str]]:
             now = utc_now_text()
-            owners_by_id = self._owner_rows(connection)
+            owners_by_id = self._owner_rows(db)
             settled: list[tuple[TaskRow, str]] = []
-            for (owner_id,) in connection.execute(queries.owners_of_active_tasks()).all():
+            for (owner_id,) in db.all(queries.owners_of_active_tasks()):
                 if owner_id == me.owner_id or owner_id in protect:
                     continue
                 reason = owner_gone_reason(owners_by_id.get(owner_id), me, now)
@@ -468,21 +460,21 @@ class SqlStore:
                     "me": me.owner_id,
                     "error": f"orphaned: {reason}",
                 }
-                rows = connection.execute(queries.settle_orphans(action), params).all()
+                rows = db.all(queries.settle_orphans(action), params)
                 settled.extend((tuple(row), reason) for row in rows)
             for owner_id, row in owners_by_id.items():
                 if owner_id != me.owner_id and owner_gone_reason(row, me, now) is not None:
-                    self._forget_owner_if_unused(connection, owner_id)
+                    self._forget_owner_if_unused(db, owner_id)
             return settled
 
         rows = await self._worker.acall(recover)
         return [(self._task_from_row(row), reason) for row, reason in rows]
 
     @staticmethod
-    def _forget_owner_if_unused(connection: Connection, owner_id: str) -> None:
-        if not connection.execute(queries.owner_has_active_tasks(), {"id": owner_id}).scalar():
-            connection.execute(queries.release_claims_of_owner(), {"prefix": owner_id + "/%"})
-            connection.execute(queries.delete_owner(), {"id": owner_id})
+    def _forget_owner_if_unused(db: Db, owner_id: str) -> None:
+        if not db.scalar(queries.owner_has_active_tasks(), {"id": owner_id}):
+            db.execute(queries.release_claims_of_owner(), {"prefix": owner_id + "/%"})
+            db.execute(queries.delete_owner(), {"id": owner_id})
 
     async def wait_pending(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -505,7 +497,7 @@ class SqlStore:
         self._heartbeat.stop()
         with contextlib.suppress(BackgroundTaskError):
             self._worker.call(
-                lambda connection: connection.execute(
+                lambda db: db.execute(
                     queries.close_owner(), {"id": self.identity.owner_id, "now": utc_now_text()}
                 )
             )
@@ -515,5 +507,5 @@ class SqlStore:
         await asyncio.to_thread(self.close)
 
 
-def _any_pending(connection: Connection) -> bool:
-    return bool(connection.execute(queries.has_pending()).scalar())
+def _any_pending(db: Db) -> bool:
+    return bool(db.scalar(queries.has_pending()))

@@ -1,15 +1,16 @@
-"""The commit worker: one thread, one connection, shared commits.
+"""The commit worker: one connection, shared commits, as few thread hand-offs as possible.
 
-Every operation on a durable store is a function of a connection, queued here. The
-worker takes everything queued, runs it in one transaction, commits once, and only then
-answers each caller. So:
+Every operation on a durable store is a function of the connection. Durable writes from
+async code are queued for the worker thread, which takes everything queued, runs it in
+one transaction, commits once, and only then answers each caller. So:
 
 * 1,000 concurrent ``await handle_result(...)`` calls share a few commits (group commit),
-  each still durable when it returns;
-* a synchronous call (``submit`` on the event-loop thread, or with no loop at all) just
-  blocks on its answer; the worker needs no event loop, so it cannot deadlock with the
-  caller's in-flight async writes, and since all of a handler's statements go through one
-  connection they never fight each other for SQLite's lock.
+  each still durable when it returns, and the event loop never waits on an fsync;
+* a synchronous call (``submit``, ``handle_error``, ``get_task``...), and an async read or
+  acknowledgement, runs its transaction right on the calling thread when the connection is
+  idle (no hand-off), and otherwise joins the worker's next batch; the worker needs no
+  event loop, so a sync call on the loop thread cannot deadlock with in-flight async
+  writes, and one connection means a handler never fights itself for SQLite's lock.
 
 Operations must not write before raising a :class:`BackgroundTaskError` (they check with
 guarded statements first); such an error is the caller's answer and the batch goes on. Any
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -28,10 +30,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
 from orbiter.errors import BackgroundTaskError, HandlerClosedError
-from orbiter.store.engine import run_pragma
+from orbiter.store.executor import Db
 
 __all__ = ["CommitWorker", "Operation"]
 
@@ -42,7 +44,7 @@ T = TypeVar("T")
 #: Most operations one transaction takes; bounds a batch's latency and memory.
 MAX_BATCH = 2_000
 
-Operation = Callable[[Connection], T]
+Operation = Callable[[Db], T]
 
 
 @dataclass(slots=True)
@@ -54,7 +56,7 @@ class _Queued(Generic[T]):
 
 
 class CommitWorker:
-    """Runs queued operations on a private connection, in shared transactions.
+    """Runs operations on a private connection, in shared transactions.
 
     Args:
         engine: Where the connection comes from (configured by ``engine.py``).
@@ -76,13 +78,18 @@ class CommitWorker:
         self._translate = translate
         self._queue: deque[_Queued[Any]] = deque()
         self._wakeup = threading.Condition(threading.Lock())
+        self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
         #: Transactions committed so far (each may hold many operations).
         self.commits = 0
-        self._started: Future[None] = Future()
+        try:
+            self._pooled = engine.raw_connection()
+        except Exception as exc:
+            engine.dispose()
+            raise translate(exc) from exc
+        self._db = Db(self._pooled.driver_connection)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-        self._started.result()
 
     # -- callers' side -------------------------------------------------------------
 
@@ -102,14 +109,45 @@ class CommitWorker:
                 self._wakeup.notify()
         return item.future
 
-    def call(self, run: Operation[T], *, writes: bool = True) -> T:
-        """Run ``run`` and block until it has committed; return its result."""
+    def _run_inline(self, run: Operation[T], writes: bool, relaxed: bool) -> Future[T] | None:
+        """Run ``run`` on the calling thread when the connection is idle (no hand-off).
+
+        Returns None when the worker is busy or has work queued; the caller then queues.
+        """
+        if self._queue or not self._connection_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._closed:
+                raise HandlerClosedError("the handler is closed")
+            item = _Queued(run, writes, relaxed)
+            self._run_batch([item])
+            return item.future
+        finally:
+            self._connection_lock.release()
+
+    def call(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
+        """Run ``run`` and block until it has committed; return its result.
+
+        When nothing else is running, the transaction runs right here on the calling
+        thread; otherwise it joins the worker's next batch.
+        """
         if threading.current_thread() is self._thread:
             raise RuntimeError("a store operation called itself from the commit worker")
-        return self.submit(run, writes=writes).result()
+        done = self._run_inline(run, writes, relaxed)
+        if done is None:
+            done = self.submit(run, writes=writes, relaxed=relaxed)
+        return done.result()
 
     async def acall(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
-        """Run ``run`` without blocking the event loop; return once it has committed."""
+        """Run ``run`` without waiting on the event loop for an fsync; return once committed.
+
+        Reads and relaxed writes (no fsync) run inline when the connection is idle;
+        durable writes go to the worker, where concurrent calls share commits.
+        """
+        if not writes or relaxed:
+            done = self._run_inline(run, writes, relaxed)
+            if done is not None:
+                return done.result()
         return await asyncio.wrap_future(self.submit(run, writes=writes, relaxed=relaxed))
 
     def close(self) -> None:
@@ -131,12 +169,6 @@ class CommitWorker:
 
     def _run(self) -> None:
         try:
-            connection = self._engine.connect()
-        except BaseException as exc:
-            self._started.set_exception(self._translate(exc))
-            return
-        self._started.set_result(None)
-        try:
             while True:
                 with self._wakeup:
                     while not self._queue and not self._closed:
@@ -145,33 +177,36 @@ class CommitWorker:
                         return
                     count = min(len(self._queue), MAX_BATCH)
                     batch = [self._queue.popleft() for _ in range(count)]
-                self._run_batch(connection, batch)
+                with self._connection_lock:
+                    self._run_batch(batch)
                 del batch  # let the finished operations (and what they hold) go
         finally:
-            connection.close()
-            self._engine.dispose()
+            with self._connection_lock:
+                self._pooled.close()
+                self._engine.dispose()
 
-    def _run_batch(self, connection: Connection, batch: list[_Queued[Any]]) -> None:
+    def _run_batch(self, batch: list[_Queued[Any]]) -> None:
         items = [item for item in batch if item.future.set_running_or_notify_cancel()]
         if not items:
             return
         relax = self._synchronous == "FULL" and all(item.relaxed for item in items)
+        raw = self._db.raw
         try:
             if relax:
-                run_pragma(connection, "PRAGMA synchronous=NORMAL")
+                raw.execute("PRAGMA synchronous=NORMAL")
             try:
-                outcomes = self._transaction(connection, items)
+                outcomes = self._transaction(items)
             finally:
                 if relax:
-                    run_pragma(connection, "PRAGMA synchronous=FULL")
+                    raw.execute("PRAGMA synchronous=FULL")
         except Exception as exc:
-            _end_transaction(connection)
+            _end_transaction(raw)
             if len(items) == 1:
                 items[0].future.set_exception(self._translate(exc))
                 return
             logger.debug("batch of %d failed (%s); retrying one by one", len(items), exc)
             for item in items:
-                self._run_batch(connection, [item])
+                self._run_batch([item])
             return
         self.commits += 1
         for item, (ok, value) in zip(items, outcomes, strict=True):
@@ -180,26 +215,28 @@ class CommitWorker:
             else:
                 item.future.set_exception(value)
 
-    @staticmethod
-    def _transaction(connection: Connection, items: list[_Queued[Any]]) -> list[tuple[bool, Any]]:
-        writes = any(item.writes for item in items)
-        connection.info["begin"] = "BEGIN IMMEDIATE" if writes else "BEGIN"
+    def _transaction(self, items: list[_Queued[Any]]) -> list[tuple[bool, Any]]:
+        raw = self._db.raw
+        raw.execute("BEGIN IMMEDIATE" if any(item.writes for item in items) else "BEGIN")
         outcomes: list[tuple[bool, Any]] = []
-        with connection.begin():
+        try:
             for item in items:
                 try:
-                    outcomes.append((True, item.run(connection)))
+                    outcomes.append((True, item.run(self._db)))
                 except BackgroundTaskError as exc:
                     outcomes.append((False, exc))
+            raw.execute("COMMIT")
+        except BaseException:
+            _end_transaction(raw)
+            raise
         return outcomes
 
 
-def _end_transaction(connection: Connection) -> None:
+def _end_transaction(raw: sqlite3.Connection) -> None:
     """Make sure no transaction is left open after a failure (a failed COMMIT can leave
     one, e.g. on a full disk)."""
     try:
-        dbapi = connection.connection.dbapi_connection
-        if dbapi is not None and dbapi.in_transaction:
-            dbapi.rollback()
+        if raw.in_transaction:
+            raw.rollback()
     except Exception:  # the connection itself may be broken; the next batch will say so
         logger.debug("rollback after a failed batch failed", exc_info=True)

@@ -1,0 +1,86 @@
+"""Runs the Core statements of ``queries.py`` straight on the driver connection.
+
+The commit worker executes thousands of small statements a second; going through
+SQLAlchemy's ``Connection.execute`` for each costs more than SQLite does. So each
+statement is compiled once, to SQL text with named parameters, and executed by the
+``sqlite3`` connection itself. The SQL still comes only from ``queries.py``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, NamedTuple
+
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.sql import ClauseElement
+
+__all__ = ["Db"]
+
+_DIALECT = sqlite.dialect(paramstyle="named")
+
+
+class _Compiled(NamedTuple):
+    sql: str
+    defaults: dict[str, Any]  # values of the statement's constant parameters
+
+
+_compiled: dict[int, tuple[ClauseElement, _Compiled]] = {}
+
+
+def compile_statement(statement: ClauseElement) -> _Compiled:
+    """SQL text and constant parameters of a statement (cached; statements are singletons)."""
+    entry = _compiled.get(id(statement))
+    if entry is not None and entry[0] is statement:
+        return entry[1]
+    compiled = statement.compile(dialect=_DIALECT)
+    defaults = {
+        name: bind.effective_value
+        for bind, name in compiled.bind_names.items()  # type: ignore[attr-defined]
+        if not bind.required
+    }
+    result = _Compiled(str(compiled), defaults)
+    _compiled[id(statement)] = (statement, result)  # keeps the statement alive: id stays unique
+    return result
+
+
+class Db:
+    """What an operation gets: the worker's ``sqlite3`` connection, inside a transaction."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self.raw = raw
+
+    def execute(
+        self, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> sqlite3.Cursor:
+        """Execute ``statement`` with ``params`` bound by name."""
+        compiled = compile_statement(statement)
+        bound = {**compiled.defaults, **params} if params else compiled.defaults
+        return self.raw.execute(compiled.sql, bound)
+
+    def all(self, statement: ClauseElement, params: dict[str, Any] | None = None) -> list[Any]:
+        """Every row, as tuples."""
+        return self.execute(statement, params).fetchall()
+
+    def first(self, statement: ClauseElement, params: dict[str, Any] | None = None) -> Any:
+        """The first row, or None (reads every row, so RETURNING statements finish)."""
+        rows = self.all(statement, params)
+        return rows[0] if rows else None
+
+    def scalar(self, statement: ClauseElement, params: dict[str, Any] | None = None) -> Any:
+        """The first column of the first row, or None."""
+        row = self.first(statement, params)
+        return None if row is None else row[0]
+
+    def changes(self, statement: ClauseElement, params: dict[str, Any] | None = None) -> int:
+        """Rows changed by a statement without RETURNING."""
+        return self.execute(statement, params).rowcount
+
+    def mappings(
+        self, statement: ClauseElement, params: dict[str, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every row, as dicts keyed by column name."""
+        cursor = self.execute(statement, params)
+        names = [column[0] for column in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
