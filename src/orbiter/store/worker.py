@@ -27,7 +27,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
@@ -47,12 +47,23 @@ MAX_BATCH = 2_000
 Operation = Callable[[Db], T]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Queued(Generic[T]):
+    """One operation and whoever waits for it: a thread (``future``) or a coroutine
+    (``waiter``, an asyncio future resolved on its own loop)."""
+
     run: Operation[T]
     writes: bool
     relaxed: bool
-    future: Future[T] = field(default_factory=Future[Any])
+    future: Future[T] | None = None
+    waiter: asyncio.Future[T] | None = None
+    outcome: tuple[bool, Any] = (False, None)
+
+    def wanted(self) -> bool:
+        """False if the caller gave up (cancelled) before the operation started."""
+        if self.future is not None:
+            return self.future.set_running_or_notify_cancel()
+        return self.waiter is None or not self.waiter.cancelled()
 
 
 class CommitWorker:
@@ -80,6 +91,7 @@ class CommitWorker:
         self._wakeup = threading.Condition(threading.Lock())
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
+        self._async_writes = 0  # durable async writes between their start and their commit
         #: Transactions committed so far (each may hold many operations).
         self.commits = 0
         try:
@@ -93,6 +105,14 @@ class CommitWorker:
 
     # -- callers' side -------------------------------------------------------------
 
+    def _enqueue(self, item: _Queued[Any]) -> None:
+        with self._wakeup:
+            if self._closed:
+                raise HandlerClosedError("the handler is closed")
+            self._queue.append(item)
+            if len(self._queue) == 1:
+                self._wakeup.notify()
+
     def submit(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> Future[T]:
         """Queue ``run``; the future resolves after the transaction holding it commits.
 
@@ -100,16 +120,12 @@ class CommitWorker:
         commit with ``synchronous=NORMAL``: safe against a process crash, not power loss.
         A batch is relaxed only if every operation in it is.
         """
-        item = _Queued(run, writes, relaxed)
-        with self._wakeup:
-            if self._closed:
-                raise HandlerClosedError("the handler is closed")
-            self._queue.append(item)
-            if len(self._queue) == 1:
-                self._wakeup.notify()
+        item: _Queued[T] = _Queued(run, writes, relaxed, future=Future())
+        self._enqueue(item)
+        assert item.future is not None
         return item.future
 
-    def _run_inline(self, run: Operation[T], writes: bool, relaxed: bool) -> Future[T] | None:
+    def _run_inline(self, run: Operation[T], writes: bool, relaxed: bool) -> _Queued[T] | None:
         """Run ``run`` on the calling thread when the connection is idle (no hand-off).
 
         Returns None when the worker is busy or has work queued; the caller then queues.
@@ -119,9 +135,9 @@ class CommitWorker:
         try:
             if self._closed:
                 raise HandlerClosedError("the handler is closed")
-            item = _Queued(run, writes, relaxed)
-            self._run_batch([item])
-            return item.future
+            item: _Queued[T] = _Queued(run, writes, relaxed)
+            self._execute([item])
+            return item
         finally:
             self._connection_lock.release()
 
@@ -134,21 +150,39 @@ class CommitWorker:
         if threading.current_thread() is self._thread:
             raise RuntimeError("a store operation called itself from the commit worker")
         done = self._run_inline(run, writes, relaxed)
-        if done is None:
-            done = self.submit(run, writes=writes, relaxed=relaxed)
-        return done.result()
+        if done is not None:
+            return _result(done)
+        return self.submit(run, writes=writes, relaxed=relaxed).result()
 
     async def acall(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
-        """Run ``run`` without waiting on the event loop for an fsync; return once committed.
+        """Run ``run`` and return once it has committed.
 
-        Reads and relaxed writes (no fsync) run inline when the connection is idle;
-        durable writes go to the worker, where concurrent calls share commits.
+        Reads and relaxed writes (no fsync) run inline when the connection is idle. A
+        durable write first lets the loop run once; if no other durable write of this
+        handler is under way and the connection is idle, it commits inline (blocking the
+        loop for one commit, as a sync call does). Otherwise it goes to the worker thread,
+        where concurrent writes share one commit and the loop does not wait.
         """
         if not writes or relaxed:
             done = self._run_inline(run, writes, relaxed)
             if done is not None:
-                return done.result()
-        return await asyncio.wrap_future(self.submit(run, writes=writes, relaxed=relaxed))
+                return _result(done)
+            return await self._handoff(run, writes, relaxed)
+        self._async_writes += 1
+        try:
+            await asyncio.sleep(0)  # let concurrent writers show up before deciding
+            if self._async_writes == 1:
+                done = self._run_inline(run, writes, relaxed)
+                if done is not None:
+                    return _result(done)
+            return await self._handoff(run, writes, relaxed)
+        finally:
+            self._async_writes -= 1
+
+    async def _handoff(self, run: Operation[T], writes: bool, relaxed: bool) -> T:
+        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Queued(run, writes, relaxed, waiter=waiter))
+        return await waiter
 
     def close(self) -> None:
         """Finish what is queued, then close the connection and stop the thread."""
@@ -178,15 +212,17 @@ class CommitWorker:
                     count = min(len(self._queue), MAX_BATCH)
                     batch = [self._queue.popleft() for _ in range(count)]
                 with self._connection_lock:
-                    self._run_batch(batch)
+                    self._execute(batch)
+                _deliver(batch)
                 del batch  # let the finished operations (and what they hold) go
         finally:
             with self._connection_lock:
                 self._pooled.close()
                 self._engine.dispose()
 
-    def _run_batch(self, batch: list[_Queued[Any]]) -> None:
-        items = [item for item in batch if item.future.set_running_or_notify_cancel()]
+    def _execute(self, batch: list[_Queued[Any]]) -> None:
+        """Run ``batch`` in one transaction, setting each item's ``outcome``."""
+        items = [item for item in batch if item.wanted()]
         if not items:
             return
         relax = self._synchronous == "FULL" and all(item.relaxed for item in items)
@@ -195,41 +231,73 @@ class CommitWorker:
             if relax:
                 raw.execute("PRAGMA synchronous=NORMAL")
             try:
-                outcomes = self._transaction(items)
+                self._transaction(items)
             finally:
                 if relax:
                     raw.execute("PRAGMA synchronous=FULL")
         except Exception as exc:
             _end_transaction(raw)
             if len(items) == 1:
-                items[0].future.set_exception(self._translate(exc))
+                items[0].outcome = (False, self._translate(exc))
                 return
             logger.debug("batch of %d failed (%s); retrying one by one", len(items), exc)
             for item in items:
-                self._run_batch([item])
+                self._execute([item])
             return
         self.commits += 1
-        for item, (ok, value) in zip(items, outcomes, strict=True):
-            if ok:
-                item.future.set_result(value)
-            else:
-                item.future.set_exception(value)
 
-    def _transaction(self, items: list[_Queued[Any]]) -> list[tuple[bool, Any]]:
+    def _transaction(self, items: list[_Queued[Any]]) -> None:
         raw = self._db.raw
         raw.execute("BEGIN IMMEDIATE" if any(item.writes for item in items) else "BEGIN")
-        outcomes: list[tuple[bool, Any]] = []
         try:
             for item in items:
                 try:
-                    outcomes.append((True, item.run(self._db)))
+                    item.outcome = (True, item.run(self._db))
                 except BackgroundTaskError as exc:
-                    outcomes.append((False, exc))
+                    item.outcome = (False, exc)
             raw.execute("COMMIT")
         except BaseException:
             _end_transaction(raw)
             raise
-        return outcomes
+
+
+def _result(item: _Queued[T]) -> T:
+    ok, value = item.outcome
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _deliver(batch: list[_Queued[Any]]) -> None:
+    """Answer every caller of a committed batch: threads directly, coroutines with one
+    wake-up per event loop (not one per caller)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
+    for item in batch:
+        if item.future is not None:
+            if item.future.running():
+                ok, value = item.outcome
+                if ok:
+                    item.future.set_result(value)
+                else:
+                    item.future.set_exception(value)
+        elif item.waiter is not None:
+            by_loop.setdefault(item.waiter.get_loop(), []).append(item)
+    for loop, items in by_loop.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_settle, items)
+
+
+def _settle(items: list[_Queued[Any]]) -> None:
+    """On the waiters' loop: resolve each waiter still waiting."""
+    for item in items:
+        waiter = item.waiter
+        if waiter is None or waiter.done():
+            continue
+        ok, value = item.outcome
+        if ok:
+            waiter.set_result(value)
+        else:
+            waiter.set_exception(value)
 
 
 def _end_transaction(raw: sqlite3.Connection) -> None:
