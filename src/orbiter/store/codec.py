@@ -10,7 +10,6 @@ A custom :class:`Codec` can map richer types (e.g. pydantic models) to JSON text
 from __future__ import annotations
 
 import json
-import math
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -23,7 +22,7 @@ TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 def utc_now_text() -> str:
     """The current UTC time as stored: ``YYYY-MM-DD HH:MM:SS.ffffff``."""
-    return datetime.now(UTC).strftime(TIMESTAMP_FORMAT)
+    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 class Codec(Protocol):
@@ -38,27 +37,29 @@ class Codec(Protocol):
         ...
 
 
-def _check_json_value(value: Any, path: str) -> None:
-    """Raise ``TypeError``/``ValueError`` naming the first part JSON cannot round-trip."""
-    if value is None or isinstance(value, str | bool | int):
-        return
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"{path} is {value!r}, which strict JSON cannot store")
-        return
-    if isinstance(value, list | tuple):
-        for index, item in enumerate(value):  # pyright: ignore[reportUnknownVariableType]
-            _check_json_value(item, f"{path}[{index}]")
-        return
-    if isinstance(value, dict):
-        for key, item in value.items():  # pyright: ignore[reportUnknownVariableType]
-            if not isinstance(key, str):
-                raise TypeError(
-                    f"{path} has a key {key!r} of type {type(key).__name__}; JSON keys are strings"
-                )
-            _check_json_value(item, f"{path}[{key!r}]")
-        return
-    raise TypeError(f"{path} is of type {type(value).__name__}, which JSON cannot store")
+_CONTAINERS = (dict, list, tuple)
+
+
+def _check_keys(value: Any) -> None:
+    """Raise ``TypeError`` for a dict key that is not a str, anywhere in ``value``.
+
+    ``json.dumps`` itself refuses values it cannot encode and (with ``allow_nan=False``)
+    NaN and infinities, but it silently turns int, float, bool and None keys into strings,
+    which would not round-trip; this walk catches those, touching containers only.
+    """
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, dict):
+            for key, item in current.items():  # pyright: ignore[reportUnknownVariableType]
+                if type(key) is not str:
+                    raise TypeError(
+                        f"a dict key {key!r} is of type {type(key).__name__}; JSON keys are strings"
+                    )
+                if isinstance(item, _CONTAINERS):
+                    stack.append(item)
+        elif isinstance(current, list | tuple):
+            stack.extend(item for item in current if isinstance(item, _CONTAINERS))  # pyright: ignore[reportUnknownVariableType]
 
 
 class JsonCodec:
@@ -66,8 +67,10 @@ class JsonCodec:
 
     def dumps(self, value: Any) -> str:
         """Encode ``value``; raise ``TypeError``/``ValueError`` naming what cannot be stored."""
-        _check_json_value(value, "value")
-        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        if isinstance(value, _CONTAINERS):
+            _check_keys(value)
+        return text
 
     def loads(self, text: str) -> Any:
         """Decode JSON text."""
@@ -79,8 +82,7 @@ def encode_value(codec: Codec, value: Any, what: str, max_bytes: int) -> str:
     try:
         text = codec.dumps(value)
     except (TypeError, ValueError, OverflowError, RecursionError) as exc:
-        message = str(exc).replace("value", what, 1)
-        raise InvalidValueError(f"cannot store {what}: {message}") from exc
+        raise InvalidValueError(f"cannot store {what}: {exc}") from exc
     if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise InvalidValueError(f"codec.dumps returned {type(text).__name__}, expected str")
     size = len(text.encode("utf-8")) if len(text) * 4 > max_bytes else len(text)

@@ -170,7 +170,9 @@ class CommitWorker:
             return await self._handoff(run, writes, relaxed)
         self._async_writes += 1
         try:
-            await asyncio.sleep(0)  # let concurrent writers show up before deciding
+            # Let concurrent writers show up before deciding (all of them wait this one
+            # turn, so calls reach the queue in the order they were made).
+            await asyncio.sleep(0)
             if self._async_writes == 1:
                 done = self._run_inline(run, writes, relaxed)
                 if done is not None:
