@@ -74,9 +74,10 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def _user_tables(connection: Connection) -> list[str]:
+    """Names of the tables, views and triggers in the file (SQLite's own excepted)."""
     rows = connection.exec_driver_sql(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-        "ORDER BY name"
+        "SELECT name FROM sqlite_master WHERE type IN ('table', 'view', 'trigger') "
+        "AND name NOT LIKE 'sqlite_%' ORDER BY name"
     ).all()
     return [str(row[0]) for row in rows]
 
@@ -101,7 +102,7 @@ def schema_problem(connection: Connection, where: str, *, auto_migrate: bool) ->
         if tables:
             raise SchemaError(
                 f"{where} is a SQLite database but not an orbiter-background one "
-                f"(it has tables {', '.join(tables[:5])}{'...' if len(tables) > 5 else ''} "
+                f"(it has {', '.join(tables[:5])}{'...' if len(tables) > 5 else ''} "
                 "and no schema revision); refusing to change it"
             )
         return "upgrade"  # a new, empty file: always created at head
@@ -181,10 +182,22 @@ def _check_foreign_keys(connection: Connection) -> None:
 
 
 def upgrade(database: str, revision: str = "head") -> str | None:
-    """Upgrade the database at ``database`` (path or URL); return the new revision."""
-    from orbiter.store.engine import create_sync_engine, resolve_database
+    """Upgrade the database at ``database`` (path or URL); return the new revision.
+
+    A new file is created readable only by its owner; a file that cannot hold our
+    database is refused with :class:`~orbiter.errors.DatabaseError` before anything is
+    written.
+    """
+    from orbiter.store.engine import (
+        check_sqlite_file,
+        create_private_file,
+        create_sync_engine,
+        resolve_database,
+    )
 
     target = resolve_database(database)
+    if target.path is not None and not check_sqlite_file(target.path):
+        create_private_file(target.path)
     engine = create_sync_engine(target)
     try:
         with engine.connect() as connection:

@@ -199,6 +199,24 @@ def restore_hold(db: str, parent: str) -> None:
     asyncio.run(run())
 
 
+def open_race(db: str) -> None:
+    """Open (and so create) a database at the same moment as other processes."""
+    BackgroundTaskHandler(database=db).close()
+    say("opened")
+
+
+def stall_owner(db: str) -> None:
+    """Own a running task with a short lease, then wait for a line on stdin."""
+    handler = BackgroundTaskHandler(database=db, heartbeat_interval=0.1, lease_timeout=0.5)
+    handler.submit("stalled", "run")
+    say("ready")
+    sys.stdin.readline()
+    handler.submit("after-stall", "run")
+    say("submitted")
+    sys.stdin.readline()
+    handler.close()
+
+
 if __name__ == "__main__":
     command, *arguments = sys.argv[1:]
     arguments = [a for a in arguments if not a.startswith("--")]

@@ -138,8 +138,12 @@ def check_sqlite_file(path: Path) -> bool:
 
 
 def create_private_file(path: Path) -> None:
-    """Create an empty database file readable only by its owner (results may hold secrets)."""
-    fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    """Create an empty database file readable only by its owner (results may hold secrets),
+    unless it exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return  # another process created it just now
     os.close(fd)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -21,11 +22,15 @@ logger = logging.getLogger(__name__)
 
 
 class Heartbeat:
-    """Every ``interval`` seconds, queue ``renew`` on ``worker`` (without waiting for it)."""
+    """Every ``interval`` seconds, queue ``renew`` on ``worker`` (without waiting for it).
+
+    Holds ``renew`` weakly, so a handler dropped without ``close()`` can still be collected
+    (its finalizer then stops this thread).
+    """
 
     def __init__(self, worker: CommitWorker, renew: Callable[[Db], None], interval: float) -> None:
         self._worker = worker
-        self._renew = renew
+        self._renew = weakref.WeakMethod(renew)
         self._interval = interval
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="orbiter-bg-heartbeat", daemon=True)
@@ -33,10 +38,14 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stopped.wait(self._interval):
+            renew = self._renew()
+            if renew is None:
+                return
             try:
-                future = self._worker.submit(self._renew, relaxed=True)
+                future = self._worker.submit(renew, relaxed=True)
             except HandlerClosedError:
                 return
+            del renew
             future.add_done_callback(_log_failure)
 
     def stop(self) -> None:

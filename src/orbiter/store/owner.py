@@ -104,12 +104,10 @@ def owner_gone_reason(row: Mapping[str, Any] | None, me: OwnerIdentity, now: str
         if not pid_running(row["pid"]):
             return f"owner process {row['host']}:{row['pid']} exited"
         state = process_state(row["pid"])
-        if (
-            row["process_start"] is not None
-            and state is not None
-            and state[1] != row["process_start"]
-        ):
-            return f"owner process {row['host']}:{row['pid']} exited (its pid was reused)"
+        if row["process_start"] is not None and state is not None:
+            if state[1] != row["process_start"]:
+                return f"owner process {row['host']}:{row['pid']} exited (its pid was reused)"
+            return None  # provably the same live process, even if late with its lease
     if row["lease_expires_at"] < now:
         return f"owner {row['host']}:{row['pid']} stopped renewing its lease"
     return None

@@ -31,19 +31,33 @@ from orbiter.store.schema import pending_queue as pending
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "acknowledge_all_claimed",
+    "acknowledge_claimed",
+    "claim_pending",
+    "claimed_items",
+    "claimers",
+    "close_owner",
     "complete_task",
     "count_pending",
-    "delete_pending_item",
-    "delete_pending_through",
+    "delete_owner",
     "enqueue",
     "fail_task",
+    "has_free_pending",
+    "has_pending",
+    "insert_pushed_task",
     "insert_task",
     "max_pending_seq",
-    "pending_batch",
+    "owner_has_active_tasks",
+    "owners_of_active_tasks",
+    "register_owner",
+    "release_claims",
+    "release_claims_of_owner",
+    "renew_lease",
+    "select_owners",
     "select_task",
     "select_tasks",
+    "settle_orphans",
     "task_status",
-    "upsert_task",
 ]
 
 #: A SELECT of any columns.
@@ -90,8 +104,10 @@ def insert_task() -> Insert:
 
 
 @cache
-def upsert_task() -> Insert:
-    """Insert a task as given, or overwrite its outcome if it exists (``PendingQueue.push``)."""
+def insert_pushed_task() -> Insert:
+    """Store a task pushed to the queue (``PendingQueue.push``): a new id is stored as
+    given; a stored task that is still active takes the pushed outcome; a stored task
+    that already completed keeps its own (a task completes once)."""
     stmt = sqlite_insert(tasks).values(
         task_id=bindparam("task_id"),
         parent_task_id=bindparam("parent_task_id"),
@@ -113,6 +129,7 @@ def upsert_task() -> Insert:
             "error": stmt.excluded.error,
             "updated_at": stmt.excluded.updated_at,
         },
+        where=_is_active(),
     )
 
 
@@ -177,6 +194,12 @@ def count_pending() -> AnySelect:
 
 
 @cache
+def has_free_pending() -> AnySelect:
+    """Whether any queued task is free to drain (not held by a drain)."""
+    return select(exists().where(pending.c.claimed_by.is_(None)))
+
+
+@cache
 def has_pending() -> AnySelect:
     """Whether any task is queued (cheaper than a count on a long queue)."""
     return select(exists().select_from(pending))
@@ -186,33 +209,6 @@ def has_pending() -> AnySelect:
 def max_pending_seq() -> AnySelect:
     """The newest queue position, or NULL when the queue is empty."""
     return select(func.max(pending.c.seq))
-
-
-@cache
-def pending_batch() -> AnySelect:
-    """Up to ``:limit`` queued tasks after position ``:after`` up to ``:upto``, in order."""
-    return (
-        select(pending.c.seq, *TASK_COLUMNS)
-        .join_from(pending, tasks, pending.c.task_id == tasks.c.task_id)
-        .where(pending.c.seq > bindparam("after"), pending.c.seq <= bindparam("upto"))
-        .order_by(pending.c.seq)
-        .limit(bindparam("limit"))
-    )
-
-
-@cache
-def delete_pending_item() -> Delete:
-    """Remove one queued task by position (its merge was acknowledged)."""
-    return delete(pending).where(pending.c.seq == bindparam("seq"))
-
-
-@cache
-def delete_pending_through() -> Delete:
-    """Remove every queued task up to position ``:upto``."""
-    return delete(pending).where(pending.c.seq <= bindparam("upto"))
-
-
-# -- owners and heartbeats ----------------------------------------------------------------
 
 
 @cache
@@ -231,12 +227,25 @@ def register_owner() -> Insert:
 
 
 @cache
-def renew_lease() -> Update:
-    """A heartbeat: the owner is alive until ``:lease_expires_at``."""
-    return (
-        owners.update()
-        .where(owners.c.owner_id == bindparam("id"))
-        .values(heartbeat_at=bindparam("now"), lease_expires_at=bindparam("lease_expires_at"))
+def renew_lease() -> Insert:
+    """A heartbeat: the owner is alive until ``:lease_expires_at``. Puts the owner's row
+    back if another process removed it while this one was stalled past its lease."""
+    stmt = sqlite_insert(owners).values(
+        owner_id=bindparam("owner_id"),
+        host=bindparam("host"),
+        boot_id=bindparam("boot_id"),
+        pid=bindparam("pid"),
+        process_start=bindparam("process_start"),
+        started_at=bindparam("now"),
+        heartbeat_at=bindparam("now"),
+        lease_expires_at=bindparam("lease_expires_at"),
+    )
+    return stmt.on_conflict_do_update(
+        index_elements=[owners.c.owner_id],
+        set_={
+            "heartbeat_at": stmt.excluded.heartbeat_at,
+            "lease_expires_at": stmt.excluded.lease_expires_at,
+        },
     )
 
 

@@ -102,8 +102,7 @@ class SqlStore:
         self._tasks: weakref.WeakValueDictionary[str, BackgroundTask] = (
             weakref.WeakValueDictionary()
         )
-        fresh = target.path is not None and not check_sqlite_file(target.path)
-        if fresh and target.path is not None and not target.path.exists():
+        if target.path is not None and not check_sqlite_file(target.path):
             create_private_file(target.path)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
         try:
@@ -111,12 +110,15 @@ class SqlStore:
                 ensure_schema(connection, self._where, auto_migrate=auto_migrate)
         except Exception as exc:
             engine.dispose()
-            translated = self._translate(exc)
+            translated = translate_error(self._where, exc)
             if translated is exc:
                 raise
             raise translated from exc
         self._worker = CommitWorker(
-            engine, translate=self._translate, synchronous=synchronous, name="orbiter-bg-commit"
+            engine,
+            translate=partial(translate_error, self._where),
+            synchronous=synchronous,
+            name="orbiter-bg-commit",
         )
         try:
             self._worker.call(self._register_owner)
@@ -124,37 +126,12 @@ class SqlStore:
             self._worker.close()
             raise
         self._heartbeat = Heartbeat(self._worker, self._renew_lease, heartbeat_interval)
+        # Closes a handler that is dropped (or still open at exit) without close().
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self._worker, self._heartbeat, self.identity.owner_id
+        )
 
     # -- opening and errors --------------------------------------------------------
-
-    def _translate(self, exc: BaseException) -> BaseException:
-        """Map a driver error to a :class:`DatabaseError` that names the file and problem."""
-        if isinstance(exc, BackgroundTaskError):
-            return exc
-        original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
-        if not isinstance(original, sqlite3.Error):
-            return exc
-        message = str(original)
-        lowered = message.lower()
-        if "locked" in lowered or "busy" in lowered:
-            return DatabaseLockedError(
-                f"{self._where}: the database stayed locked by another connection longer "
-                f"than busy_timeout ({message})"
-            )
-        if "full" in lowered:
-            return DatabaseError(
-                f"{self._where}: the database or disk is full ({message}); the call changed "
-                "nothing, and earlier results are intact"
-            )
-        if "malformed" in lowered or "not a database" in lowered:
-            return DatabaseError(
-                f"{self._where}: the file is corrupt or not a SQLite database ({message})"
-            )
-        if "readonly" in lowered or "read-only" in lowered:
-            return DatabaseError(f"{self._where}: the database is read-only ({message})")
-        if "unable to open" in lowered:
-            return DatabaseError(f"{self._where}: cannot open the database ({message})")
-        return DatabaseError(f"{self._where}: {message}")
 
     # -- rows to tasks -------------------------------------------------------------
 
@@ -271,7 +248,7 @@ class SqlStore:
         }
 
         def push(db: Db) -> None:
-            db.execute(queries.upsert_task(), params)
+            db.execute(queries.insert_pushed_task(), params)
             db.execute(queries.enqueue(), {"task_id": params["task_id"], "now": now})
 
         self._worker.call(push)
@@ -436,7 +413,7 @@ class SqlStore:
         db.execute(queries.register_owner(), {**self.identity.as_row(), **self._lease_params()})
 
     def _renew_lease(self, db: Db) -> None:
-        db.execute(queries.renew_lease(), {"id": self.identity.owner_id, **self._lease_params()})
+        db.execute(queries.renew_lease(), {**self.identity.as_row(), **self._lease_params()})
 
     async def recover_orphans(
         self, action: str, protect: Collection[str] = ()
@@ -480,7 +457,7 @@ class SqlStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seen = self.pending_signal.version
-            found = await self._worker.acall(_any_pending, writes=False)
+            found = await self._worker.acall(_any_free_pending, writes=False)
             if found:
                 return True
             step = self._poll_interval
@@ -492,16 +469,7 @@ class SqlStore:
             await self.pending_signal.wait_for_change(seen, step)
 
     def close(self) -> None:
-        if self._worker.closed:
-            return
-        self._heartbeat.stop()
-        with contextlib.suppress(BackgroundTaskError):
-            self._worker.call(
-                lambda db: db.execute(
-                    queries.close_owner(), {"id": self.identity.owner_id, "now": utc_now_text()}
-                )
-            )
-        self._worker.close()
+        self._finalizer()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
@@ -509,3 +477,48 @@ class SqlStore:
 
 def _any_pending(db: Db) -> bool:
     return bool(db.scalar(queries.has_pending()))
+
+
+def _shut_down(worker: CommitWorker, heartbeat: Heartbeat, owner_id: str) -> None:
+    """Stop the heartbeat, mark the owner closed (its running tasks become orphans that
+    any process may settle at once), and close the connection."""
+    heartbeat.stop()
+    with contextlib.suppress(BackgroundTaskError):
+        worker.call(partial(_close_owner, owner_id))
+    worker.close()
+
+
+def _close_owner(owner_id: str, db: Db) -> None:
+    db.execute(queries.close_owner(), {"id": owner_id, "now": utc_now_text()})
+
+
+def translate_error(where: str, exc: BaseException) -> BaseException:
+    """Map a driver error to a :class:`DatabaseError` that names the file and problem."""
+    if isinstance(exc, BackgroundTaskError):
+        return exc
+    original = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    if not isinstance(original, sqlite3.Error):
+        return exc
+    message = str(original)
+    lowered = message.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return DatabaseLockedError(
+            f"{where}: the database stayed locked by another connection longer "
+            f"than busy_timeout ({message})"
+        )
+    if "full" in lowered:
+        return DatabaseError(
+            f"{where}: the database or disk is full ({message}); the call changed "
+            "nothing, and earlier results are intact"
+        )
+    if "malformed" in lowered or "not a database" in lowered:
+        return DatabaseError(f"{where}: the file is corrupt or not a SQLite database ({message})")
+    if "readonly" in lowered or "read-only" in lowered:
+        return DatabaseError(f"{where}: the database is read-only ({message})")
+    if "unable to open" in lowered:
+        return DatabaseError(f"{where}: cannot open the database ({message})")
+    return DatabaseError(f"{where}: {message}")
+
+
+def _any_free_pending(db: Db) -> bool:
+    return bool(db.scalar(queries.has_free_pending()))

@@ -21,6 +21,7 @@ only the faulty one fails.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
@@ -239,8 +240,12 @@ class CommitWorker:
                     raw.execute("PRAGMA synchronous=FULL")
         except Exception as exc:
             _end_transaction(raw)
-            if len(items) == 1:
-                items[0].outcome = (False, self._translate(exc))
+            if len(items) == 1 or isinstance(exc, sqlite3.OperationalError):
+                # One operation failed alone, or the database itself did (locked, full,
+                # I/O, read-only): retrying one by one would only repeat the wait.
+                error = self._translate(exc)
+                for item in items:
+                    item.outcome = (False, error)
                 return
             logger.debug("batch of %d failed (%s); retrying one by one", len(items), exc)
             for item in items:
@@ -285,7 +290,7 @@ def _deliver(batch: list[_Queued[Any]]) -> None:
         elif item.waiter is not None:
             by_loop.setdefault(item.waiter.get_loop(), []).append(item)
     for loop, items in by_loop.items():
-        if not loop.is_closed():
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is waiting
             loop.call_soon_threadsafe(_settle, items)
 
 

@@ -1,0 +1,167 @@
+"""Regression tests for defects found in review: lock waits, stalled owners, creation
+races, pushes over completed tasks, dropped handlers, waiting on claimed items."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from orbiter import migrate
+from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler
+from orbiter._internal.state import RunNodeStatus
+from orbiter.errors import BackgroundTaskError, DatabaseError, DatabaseLockedError, SchemaError
+from tests.conftest import HELPERS
+
+
+async def test_a_held_write_lock_fails_a_batch_once_not_per_call(db_path: Path) -> None:
+    async with BackgroundTaskHandler(database=db_path, busy_timeout=0.5) as handler:
+        for index in range(20):
+            handler.submit(f"t{index}", "run")
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        outcomes = await asyncio.gather(
+            *(handler.handle_result(f"t{i}", i) for i in range(20)), return_exceptions=True
+        )
+        waited = time.monotonic() - started
+        other.execute("ROLLBACK")
+        other.close()
+        assert {type(o) for o in outcomes} == {DatabaseLockedError}
+        # One busy timeout per batch, not one per call (20 x 0.5 s before the fix).
+        assert waited < 5, waited
+        assert await handler.handle_result("t0", "later") is not None  # works once free
+        assert handler.get_task("t1").status is RunNodeStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_a_stalled_but_live_owner_keeps_its_tasks(db_path: Path) -> None:
+    child = subprocess.Popen(
+        [sys.executable, str(HELPERS / "child.py"), "stall_owner", str(db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        child.send_signal(signal.SIGSTOP)  # no heartbeat for longer than its lease
+        time.sleep(1.2)
+        with BackgroundTaskHandler(database=db_path) as recoverer:
+            assert asyncio.run(recoverer.recover_orphans()) == []  # same host, pid alive
+            with sqlite3.connect(db_path) as connection:  # even if its row vanished
+                connection.execute("DELETE FROM owners WHERE pid = ?", (child.pid,))
+            child.send_signal(signal.SIGCONT)
+            time.sleep(0.5)  # a few heartbeats put the row back
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "submitted"
+            with sqlite3.connect(db_path) as connection:
+                rows = connection.execute(
+                    "SELECT count(*) FROM owners WHERE pid = ?", (child.pid,)
+                ).fetchone()
+            assert rows == (1,)
+            assert asyncio.run(recoverer.recover_orphans()) == []
+        child.stdin.write("done\n")
+        child.stdin.flush()
+        assert child.wait(timeout=30) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate()
+
+
+def test_many_processes_creating_one_new_file(tmp_path: Path) -> None:
+    for trial in range(5):
+        db = tmp_path / f"race-{trial}.db"
+        children = [
+            subprocess.Popen(
+                [sys.executable, str(HELPERS / "child.py"), "open_race", str(db)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(4)
+        ]
+        for child in children:
+            out, err = child.communicate(timeout=60)
+            assert child.returncode == 0, err
+            assert out.strip() == "opened"
+
+
+async def test_push_never_overwrites_a_completed_task(durable: BackgroundTaskHandler) -> None:
+    durable.submit("a", "run")
+    await durable.handle_result("a", {"secret": 1}, is_main_running=False)
+    durable.pending_queue.pop_all()
+    durable.pending_queue.push(BackgroundTask("a", "other-run"))
+    task = durable.get_task("a")
+    assert task is not None and task.status is RunNodeStatus.SUCCESS
+    assert task.result == {"secret": 1} and task.parent_task_id == "run"
+    with pytest.raises(BackgroundTaskError, match="already completed"):
+        await durable.handle_result("a", "again", is_main_running=False)
+    assert [t.result async for t in durable.drain_pending()] == [{"secret": 1}]
+
+
+def test_a_dropped_handler_closes_itself(db_path: Path) -> None:
+    BackgroundTaskHandler(database=db_path).close()
+    threads = threading.active_count()
+    fds = len(os.listdir("/proc/self/fd"))
+    for index in range(5):
+        handler = BackgroundTaskHandler(database=db_path)
+        handler.submit(f"t{index}", "run")
+        del handler
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while threading.active_count() > threads and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert threading.active_count() == threads
+    assert len(os.listdir("/proc/self/fd")) == fds
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT count(*) = count(closed_at) FROM owners").fetchone() == (
+            1,
+        )
+
+
+async def test_wait_does_not_count_items_another_drain_holds(
+    durable: BackgroundTaskHandler,
+) -> None:
+    durable.submit("a", "run")
+    await durable.handle_result("a", 1, is_main_running=False)
+    drain = durable.drain_pending()
+    assert (await drain.__anext__()).task_id == "a"  # held by a live drain
+    started = time.monotonic()
+    assert await durable.pending_queue.wait(timeout=0.3) is False
+    assert time.monotonic() - started >= 0.25
+    assert durable.pending_queue.size == 1
+    await drain.aclose()
+    assert await durable.pending_queue.wait(timeout=0.3) is True
+
+
+def test_migrate_upgrade_creates_a_private_file_and_refuses_bad_ones(tmp_path: Path) -> None:
+    created = tmp_path / "new.db"
+    migrate.upgrade(str(created))
+    assert stat.S_IMODE(created.stat().st_mode) == 0o600
+    junk = tmp_path / "junk.db"
+    junk.write_text("not a database")
+    with pytest.raises(DatabaseError, match="not a SQLite database"):
+        migrate.upgrade(str(junk))
+    assert junk.read_text() == "not a database"
+
+
+def test_a_file_with_only_views_is_foreign(tmp_path: Path) -> None:
+    target = tmp_path / "views.db"
+    with sqlite3.connect(target) as connection:
+        connection.execute("CREATE VIEW answer AS SELECT 42")
+    before = target.read_bytes()
+    with pytest.raises(SchemaError, match="not an orbiter-background one"):
+        BackgroundTaskHandler(database=target)
+    assert target.read_bytes() == before
