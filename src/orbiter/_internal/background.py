@@ -364,7 +364,8 @@ class BackgroundTaskHandler:
         await _let_abandoned_drains_finish()
         async with contextlib.aclosing(self._store.iter_pending(parent_task_id)) as pending:
             async for task in pending:
-                await self._notify_merge(task, MergeMode.WAKEUP)
+                if self._merge_callbacks:
+                    await self._notify_merge(task, MergeMode.WAKEUP)
                 yield task
 
     @contextlib.asynccontextmanager

@@ -35,7 +35,7 @@ __all__ = [
 
 #: Alembic revisions this code knows, oldest first; the last one is the schema it needs.
 #: ``tests/test_migrations.py`` checks these against ``migrations/versions``.
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")
 HEAD_REVISION: str = KNOWN_REVISIONS[-1]
 
 metadata = MetaData(
@@ -88,6 +88,13 @@ pending_queue = Table(
     # A drain holding this item: "<owner_id>/<drain number>", NULL when free.
     Column("claimed_by", String, nullable=True),
     Column("claimed_at", String(26), nullable=True),
+)
+# Few items are held at a time: a partial index finds them without scanning the queue.
+Index(
+    "ix_pending_queue_claimed_by",
+    pending_queue.c.claimed_by,
+    sqlite_where=pending_queue.c.claimed_by.is_not(None),
+    postgresql_where=pending_queue.c.claimed_by.is_not(None),
 )
 
 owners = Table(

@@ -106,11 +106,14 @@ class CommitWorker:
 
     # -- callers' side -------------------------------------------------------------
 
-    def _enqueue(self, item: _Queued[Any]) -> None:
+    def _enqueue(self, item: _Queued[Any], *, first: bool = False) -> None:
         with self._wakeup:
             if self._closed:
                 raise HandlerClosedError("the handler is closed")
-            self._queue.append(item)
+            if first:
+                self._queue.appendleft(item)
+            else:
+                self._queue.append(item)
             if len(self._queue) == 1:
                 self._wakeup.notify()
 
@@ -122,7 +125,9 @@ class CommitWorker:
         A batch is relaxed only if every operation in it is.
         """
         item: _Queued[T] = _Queued(run, writes, relaxed, future=Future())
-        self._enqueue(item)
+        # A blocked thread (perhaps the event loop's) goes first: it joins the very next
+        # batch instead of waiting behind queued async writes.
+        self._enqueue(item, first=True)
         assert item.future is not None
         return item.future
 
