@@ -16,11 +16,11 @@ def run(*command: str) -> None:
 
 
 def test_ruff_lint() -> None:
-    run(str(BIN / "ruff"), "check", "src", "tests", "migrations")
+    run(str(BIN / "ruff"), "check", "src", "tests", "migrations", "bench")
 
 
 def test_ruff_format() -> None:
-    run(str(BIN / "ruff"), "format", "--check", "src", "tests", "migrations")
+    run(str(BIN / "ruff"), "format", "--check", "src", "tests", "migrations", "bench")
 
 
 def test_mypy_strict() -> None:
