@@ -52,6 +52,7 @@ from orbiter.cli_render import (
 from orbiter.store import admin_queries as q
 from orbiter.store.codec import utc_now_text
 from orbiter.store.engine import ENV_VAR
+from orbiter.store.queries import enqueue
 from orbiter.store.schema import HEAD_REVISION
 from orbiter.types import OrbiterError
 
@@ -502,7 +503,7 @@ def cmd_requeue(args: argparse.Namespace, out: Console) -> int:
                 "status success can be requeued"
             )
         if not queued:
-            connection.execute(q.enqueue_task(), {"task_id": args.task_id, "now": utc_now_text()})
+            connection.execute(enqueue(), {"task_id": args.task_id, "now": utc_now_text()})
     if args.json:
         emit_json(
             {"task_id": args.task_id, "requeued": not queued, "already_pending": bool(queued)}

@@ -13,7 +13,6 @@ from typing import Any
 from sqlalchemy import (
     BindParameter,
     ColumnElement,
-    Insert,
     Select,
     String,
     bindparam,
@@ -22,7 +21,6 @@ from sqlalchemy import (
     func,
     select,
 )
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.sql.dml import ReturningDelete
 
 from orbiter.store.schema import background_tasks as tasks
@@ -36,7 +34,6 @@ __all__ = [
     "count_purgeable",
     "count_tasks",
     "delete_purgeable_batch",
-    "enqueue_task",
     "oldest_pending",
     "purgeable_tasks",
     "select_pending",
@@ -177,16 +174,6 @@ def task_queue_state() -> AnySelect:
     """The status of task ``:id`` and whether it is queued (no row: no such task)."""
     return select(tasks.c.status, _is_pending().label("is_pending")).where(
         tasks.c.task_id == bindparam("id")
-    )
-
-
-@cache
-def enqueue_task() -> Insert:
-    """Queue task ``:task_id`` at time ``:now``; a task already queued stays queued once."""
-    return (
-        sqlite_insert(pending)
-        .values(task_id=bindparam("task_id"), enqueued_at=bindparam("now"))
-        .on_conflict_do_nothing(index_elements=[pending.c.task_id])
     )
 
 

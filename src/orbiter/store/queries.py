@@ -23,6 +23,7 @@ from sqlalchemy import (
     literal,
     select,
 )
+from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orbiter.store.schema import background_tasks as tasks
@@ -49,10 +50,9 @@ __all__ = [
     "max_pending_seq",
     "owner_has_active_tasks",
     "owners_of_active_tasks",
-    "register_owner",
+    "record_heartbeat",
     "release_claims",
     "release_claims_of_owner",
-    "renew_lease",
     "select_owners",
     "select_task",
     "select_tasks",
@@ -85,22 +85,18 @@ TASK_COLUMNS = (
 )
 
 
+def _task_row(*optional: str) -> SqliteInsert:
+    """An INSERT of a task row: its id, parent, status, payload and owner as bound
+    parameters of the same names, plus the ``optional`` columns, stamped ``:now``."""
+    columns = ("task_id", "parent_task_id", "status", "payload", "owner_id", *optional)
+    stamps: dict[str, Any] = {"created_at": bindparam("now"), "updated_at": bindparam("now")}
+    return sqlite_insert(tasks).values({name: bindparam(name) for name in columns} | stamps)
+
+
 @cache
 def insert_task() -> Insert:
     """Insert a new task; does nothing (rowcount 0) if the id exists."""
-    return (
-        sqlite_insert(tasks)
-        .values(
-            task_id=bindparam("task_id"),
-            parent_task_id=bindparam("parent_task_id"),
-            status=bindparam("status"),
-            payload=bindparam("payload"),
-            created_at=bindparam("now"),
-            updated_at=bindparam("now"),
-            owner_id=bindparam("owner_id"),
-        )
-        .on_conflict_do_nothing(index_elements=[tasks.c.task_id])
-    )
+    return _task_row().on_conflict_do_nothing(index_elements=[tasks.c.task_id])
 
 
 @cache
@@ -108,18 +104,7 @@ def insert_pushed_task() -> Insert:
     """Store a task pushed to the queue (``PendingQueue.push``): a new id is stored as
     given; a stored task that is still active takes the pushed outcome; a stored task
     that already completed keeps its own (a task completes once)."""
-    stmt = sqlite_insert(tasks).values(
-        task_id=bindparam("task_id"),
-        parent_task_id=bindparam("parent_task_id"),
-        status=bindparam("status"),
-        merge_mode=bindparam("merge_mode"),
-        payload=bindparam("payload"),
-        result=bindparam("result"),
-        error=bindparam("error"),
-        created_at=bindparam("now"),
-        updated_at=bindparam("now"),
-        owner_id=bindparam("owner_id"),
-    )
+    stmt = _task_row("merge_mode", "result", "error")
     return stmt.on_conflict_do_update(
         index_elements=[tasks.c.task_id],
         set_={
@@ -212,34 +197,14 @@ def max_pending_seq() -> AnySelect:
 
 
 @cache
-def register_owner() -> Insert:
-    """Record a handler that just opened the database."""
-    return sqlite_insert(owners).values(
-        owner_id=bindparam("owner_id"),
-        host=bindparam("host"),
-        boot_id=bindparam("boot_id"),
-        pid=bindparam("pid"),
-        process_start=bindparam("process_start"),
-        started_at=bindparam("now"),
-        heartbeat_at=bindparam("now"),
-        lease_expires_at=bindparam("lease_expires_at"),
-    )
+def record_heartbeat() -> Insert:
+    """Register owner ``:owner_id`` or renew its lease (alive until ``:lease_expires_at``).
 
-
-@cache
-def renew_lease() -> Insert:
-    """A heartbeat: the owner is alive until ``:lease_expires_at``. Puts the owner's row
-    back if another process removed it while this one was stalled past its lease."""
-    stmt = sqlite_insert(owners).values(
-        owner_id=bindparam("owner_id"),
-        host=bindparam("host"),
-        boot_id=bindparam("boot_id"),
-        pid=bindparam("pid"),
-        process_start=bindparam("process_start"),
-        started_at=bindparam("now"),
-        heartbeat_at=bindparam("now"),
-        lease_expires_at=bindparam("lease_expires_at"),
-    )
+    An upsert, so a heartbeat also puts back an owner row that another process removed
+    while this owner was stalled past its lease."""
+    columns = ("owner_id", "host", "boot_id", "pid", "process_start", "lease_expires_at")
+    stamps: dict[str, Any] = {"started_at": bindparam("now"), "heartbeat_at": bindparam("now")}
+    stmt = sqlite_insert(owners).values({name: bindparam(name) for name in columns} | stamps)
     return stmt.on_conflict_do_update(
         index_elements=[owners.c.owner_id],
         set_={

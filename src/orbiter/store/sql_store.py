@@ -410,10 +410,10 @@ class SqlStore:
         }
 
     def _register_owner(self, db: Db) -> None:
-        db.execute(queries.register_owner(), {**self.identity.as_row(), **self._lease_params()})
+        db.execute(queries.record_heartbeat(), {**self.identity.as_row(), **self._lease_params()})
 
     def _renew_lease(self, db: Db) -> None:
-        db.execute(queries.renew_lease(), {**self.identity.as_row(), **self._lease_params()})
+        db.execute(queries.record_heartbeat(), {**self.identity.as_row(), **self._lease_params()})
 
     async def recover_orphans(
         self, action: str, protect: Collection[str] = ()
