@@ -109,6 +109,19 @@ def _int_at_least(low: int) -> Callable[[str], int]:
     return convert
 
 
+def _add_paging(parser: argparse.ArgumentParser, *, default_limit: int) -> None:
+    parser.add_argument(
+        "--limit",
+        type=_int_at_least(1),
+        default=default_limit,
+        metavar="N",
+        help=f"rows (default {default_limit})",
+    )
+    parser.add_argument(
+        "--offset", type=_int_at_least(0), default=0, metavar="N", help="rows to skip"
+    )
+
+
 def _common(json_help: str | None = "print one JSON document (shape: docs/cli.md)") -> _Parser:
     parent = _Parser(add_help=False)
     parent.add_argument(
@@ -186,12 +199,7 @@ def _add_tasks(commands: Subparsers, common: _Parser) -> None:
         help="submitted more than AGE ago (90s, 10m, 2h, 3d, 1w, 1h30m)",
     )
     tasks.add_argument("--newer-than", type=_age, metavar="AGE", help="submitted at most AGE ago")
-    tasks.add_argument(
-        "--limit", type=_int_at_least(1), default=50, metavar="N", help="rows (default 50)"
-    )
-    tasks.add_argument(
-        "--offset", type=_int_at_least(0), default=0, metavar="N", help="rows to skip"
-    )
+    _add_paging(tasks, default_limit=50)
     tasks.set_defaults(func=cmd_tasks)
 
 
@@ -211,12 +219,7 @@ def _add_pending(commands: Subparsers, common: _Parser) -> None:
         description="List queued results in enqueue order.",
     )
     pending.add_argument("--parent", metavar="ID", help="only this parent's items")
-    pending.add_argument(
-        "--limit", type=_int_at_least(1), default=100, metavar="N", help="rows (default 100)"
-    )
-    pending.add_argument(
-        "--offset", type=_int_at_least(0), default=0, metavar="N", help="rows to skip"
-    )
+    _add_paging(pending, default_limit=100)
     pending.set_defaults(func=cmd_pending)
 
 

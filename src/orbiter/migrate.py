@@ -8,6 +8,8 @@ revision cheaply (one query, no Alembic import) and only loads Alembic to change
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,7 +17,14 @@ from typing import TYPE_CHECKING
 from sqlalchemy import Connection, text
 
 from orbiter.errors import SchemaError
-from orbiter.store.engine import enable_wal, run_pragma
+from orbiter.store.engine import (
+    check_sqlite_file,
+    create_private_file,
+    create_sync_engine,
+    enable_wal,
+    resolve_database,
+    run_pragma,
+)
 from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS
 
 if TYPE_CHECKING:
@@ -181,6 +190,26 @@ def _check_foreign_keys(connection: Connection) -> None:
         raise SchemaError(f"migration left {len(broken)} rows with broken foreign keys")
 
 
+@contextmanager
+def _connect(database: str) -> Iterator[tuple[str, Connection]]:
+    """A connection to ``database`` (path or URL), checked first: a new file is created
+    readable only by its owner, a file that cannot be ours raises ``DatabaseError``."""
+    target = resolve_database(database)
+    if target.path is not None and not check_sqlite_file(target.path):
+        create_private_file(target.path)
+    engine = create_sync_engine(target)
+    try:
+        with engine.connect() as connection:
+            yield target.describe(), connection
+    finally:
+        engine.dispose()
+
+
+def _revision_now(connection: Connection) -> str | None:
+    connection.info["begin"] = "BEGIN"  # a read: no write lock
+    return current_revision(connection)
+
+
 def upgrade(database: str, revision: str = "head") -> str | None:
     """Upgrade the database at ``database`` (path or URL); return the new revision.
 
@@ -188,37 +217,14 @@ def upgrade(database: str, revision: str = "head") -> str | None:
     database is refused with :class:`~orbiter.errors.DatabaseError` before anything is
     written.
     """
-    from orbiter.store.engine import (
-        check_sqlite_file,
-        create_private_file,
-        create_sync_engine,
-        resolve_database,
-    )
-
-    target = resolve_database(database)
-    if target.path is not None and not check_sqlite_file(target.path):
-        create_private_file(target.path)
-    engine = create_sync_engine(target)
-    try:
-        with engine.connect() as connection:
-            upgrade_connection(connection, target.describe(), revision)
-            enable_wal(connection)
-            connection.info["begin"] = "BEGIN"
-            return current_revision(connection)
-    finally:
-        engine.dispose()
+    with _connect(database) as (where, connection):
+        upgrade_connection(connection, where, revision)
+        enable_wal(connection)
+        return _revision_now(connection)
 
 
 def downgrade(database: str, revision: str) -> str | None:
     """Downgrade the database at ``database`` to ``revision``; return the new revision."""
-    from orbiter.store.engine import create_sync_engine, resolve_database
-
-    target = resolve_database(database)
-    engine = create_sync_engine(target)
-    try:
-        with engine.connect() as connection:
-            downgrade_connection(connection, revision)
-            connection.info["begin"] = "BEGIN"
-            return current_revision(connection)
-    finally:
-        engine.dispose()
+    with _connect(database) as (_, connection):
+        downgrade_connection(connection, revision)
+        return _revision_now(connection)

@@ -21,7 +21,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
 
-from orbiter._internal.state import RunNodeStatus, RunState
+from orbiter._internal.state import RunNode, RunNodeStatus, RunState
 from orbiter._internal.task import BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
 from orbiter.store import TaskStore
@@ -317,7 +317,7 @@ class BackgroundTaskHandler:
         mode = MergeMode.HOT if is_main_running else MergeMode.WAKEUP
         task = await self._store.complete(task_id, result, mode)
         logger.debug("background task %r completed: %s merge", task_id, mode.value)
-        if self._state is not None and (node := self._state.find_node(f"bg:{task_id}")):
+        if node := self._node(task_id):
             node.succeed()
         if mode is MergeMode.HOT:
             await self._notify_merge(task, mode)
@@ -334,7 +334,7 @@ class BackgroundTaskHandler:
             raise InvalidValueError(f"error must be a str, not {type(error).__name__}")
         self._store.fail(task_id, error)
         logger.warning("background task %r failed: %s", task_id, error)
-        if self._state is not None and (node := self._state.find_node(f"bg:{task_id}")):
+        if node := self._node(task_id):
             node.fail(error)
 
     async def drain_pending(
@@ -451,8 +451,13 @@ class BackgroundTaskHandler:
             logger.exception("resubmitting orphaned background task %r failed", task.task_id)
             self.handle_error(task.task_id, f"orphaned; resubmit failed: {exc}")
 
+    def _node(self, task_id: str) -> RunNode | None:
+        """The run-state node tracking ``task_id`` (``"bg:<task_id>"``), if any."""
+        return None if self._state is None else self._state.find_node(f"bg:{task_id}")
+
     def _mark_node(self, task: BackgroundTask) -> None:
-        if self._state is None or (node := self._state.find_node(f"bg:{task.task_id}")) is None:
+        node = self._node(task.task_id)
+        if node is None:
             return
         if task.status is RunNodeStatus.TIMEOUT:
             node.timeout()

@@ -141,8 +141,7 @@ class SqlStore:
         if task is not None and task.status == status:
             return task  # this handler made the change; the object is up to date
         if task is None:
-            task = BackgroundTask(task_id, parent_task_id, payload=self._codec.loads(payload))
-            self._tasks[task_id] = task
+            task = self._held_task(task_id, (parent_task_id, payload))
         task.status = RunNodeStatus(status)
         task.merge_mode = MergeMode(merge_mode) if merge_mode is not None else None
         task.result = self._codec.loads(result) if result is not None else None
@@ -188,10 +187,11 @@ class SqlStore:
         return finish
 
     def _held_task(self, task_id: str, row: TaskRow) -> BackgroundTask:
+        """The object this handler holds for ``task_id``, made from ``row`` (parent id and
+        payload text first) and remembered if there is none."""
         task = self._tasks.get(task_id)
         if task is None:
-            parent_task_id, payload = row[0], row[1]
-            task = BackgroundTask(task_id, parent_task_id, payload=self._codec.loads(payload))
+            task = BackgroundTask(task_id, row[0], payload=self._codec.loads(row[1]))
             self._tasks[task_id] = task
         return task
 
