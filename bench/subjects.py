@@ -57,6 +57,9 @@ class Subject(Protocol):
 class HandlerSubject:
     """``orbiter``'s BackgroundTaskHandler, durable (a file) or in memory (None)."""
 
+    #: The spec's API: a BackgroundTaskHandler, or the dict-and-list stand-in.
+    handler: Any
+
     def __init__(self, path: Path | None, synchronous: str) -> None:
         from orbiter._internal.background import BackgroundTaskHandler
 
@@ -84,26 +87,12 @@ class HandlerSubject:
         await self.handler.aclose()
 
 
-class DictListSubject:
-    """The plain dict-and-list implementation of the spec (the in-memory bar)."""
+class DictListSubject(HandlerSubject):
+    """The plain dict-and-list implementation of the spec (the in-memory bar), driven
+    exactly like the handler."""
 
     def __init__(self) -> None:
         self.handler = DictListHandler()
-
-    async def submit(self, task_id: str, payload: Any) -> None:
-        self.handler.submit(task_id, PARENT, payload=payload)
-
-    async def complete(self, task_id: str, result: Any) -> None:
-        await self.handler.handle_result(task_id, result, is_main_running=False)
-
-    async def drain(self) -> int:
-        count = 0
-        async for _task in self.handler.drain_pending():
-            count += 1
-        return count
-
-    async def flush(self) -> None:
-        return None
 
     async def close(self) -> None:
         return None
