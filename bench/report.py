@@ -287,7 +287,7 @@ def _open_bars(table: Medians, sync: str) -> list[Bar]:
     sizes = [e["n"] for e in table.values() if e["label"] == "full-file"]
     rows = f"{sizes[0]:,}" if sizes else "?"
     bars = []
-    for metric, how in (("open_ms", "cold process"), ("open_warm_ms", "warm, 2nd open")):
+    for metric, how in (("open_ms", "cold, 1st open"), ("open_warm_ms", "warm, 2nd open")):
         full = _find(table, metric, workload="open", synchronous=sync, label="full-file")
         empty = _find(table, metric, workload="open", synchronous=sync, label="empty-file")
         baseline = None if empty is None else ("empty file", empty)
@@ -455,6 +455,7 @@ def _detail_cells(metrics: dict[str, float]) -> tuple[str, str]:
     if "open_ms" in metrics:
         return (
             f"{_num(metrics['open_ms'], 2)} ms cold",
+            f"import (once per process) {_num(metrics.get('import_ms', float('nan')), 1)} ms; "
             f"cold: construct {_num(metrics['construct_ms'], 2)} + first get_task "
             f"{_num(metrics['first_call_ms'], 2)} ms; warm (2nd open): "
             f"{_num(metrics['construct_warm_ms'], 2)} + {_num(metrics['first_call_warm_ms'], 2)}"

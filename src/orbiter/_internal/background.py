@@ -26,7 +26,9 @@ from orbiter._internal.task import BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
 from orbiter.store import TaskStore
 from orbiter.store.codec import Codec, JsonCodec
+from orbiter.store.engine import Synchronous, resolve_database
 from orbiter.store.memory import MemoryStore
+from orbiter.store.sql_store import SqlStore
 
 __all__ = [
     "BackgroundTask",
@@ -204,9 +206,6 @@ class BackgroundTaskHandler:
         if database is None:
             self._store = MemoryStore()
         else:
-            from orbiter.store.engine import Synchronous, resolve_database
-            from orbiter.store.sql_store import SqlStore
-
             level: Synchronous
             if isinstance(synchronous, str) and synchronous.upper() == "FULL":
                 level = "FULL"
