@@ -10,7 +10,12 @@ one transaction, commits once, and only then answers each caller. So:
   acknowledgement, runs its transaction right on the calling thread when the connection is
   idle (no hand-off), and otherwise joins the worker's next batch; the worker needs no
   event loop, so a sync call on the loop thread cannot deadlock with in-flight async
-  writes, and one connection means a handler never fights itself for SQLite's lock.
+  writes, and one writing connection means a handler never fights itself for SQLite's
+  lock;
+* a blocked thread's write takes the place of the async writes of the running batch that
+  have not started yet (they go on in the next batch), so it waits for one commit, not
+  for a batch of thousands; a blocked read runs on a second connection, which in WAL
+  mode does not wait for the writer at all.
 
 Operations must not write before raising a :class:`BackgroundTaskError` (they check with
 guarded statements first); such an error is the caller's answer and the batch goes on. Any
@@ -93,6 +98,10 @@ class CommitWorker:
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
         self._async_writes = 0  # durable async writes between their start and their commit
+        self._threads_queued = 0  # queued operations a blocked thread waits for
+        self._reader_lock = threading.Lock()  # whoever reads on the second connection
+        self._reader: Db | None = None  # opened on first use, see _read_aside
+        self._reader_pooled: Any = None
         #: Transactions committed so far (each may hold many operations).
         self.commits = 0
         try:
@@ -112,6 +121,7 @@ class CommitWorker:
                 raise HandlerClosedError("the handler is closed")
             if first:
                 self._queue.appendleft(item)
+                self._threads_queued += 1
             else:
                 self._queue.append(item)
             if len(self._queue) == 1:
@@ -147,15 +157,58 @@ class CommitWorker:
         finally:
             self._connection_lock.release()
 
+    def _read_aside(self, run: Operation[T]) -> _Queued[T] | None:
+        """Run the read ``run`` on a second connection while the main one is busy.
+
+        In WAL mode a reader does not wait for the writer: a ``get_task`` made while a
+        batch of writes is committing answers at once, from the last committed state
+        (which holds every call that has returned). Returns None when the second
+        connection is itself busy; the caller then queues.
+        """
+        if not self._reader_lock.acquire(blocking=False):
+            return None
+        try:
+            if self._closed:
+                raise HandlerClosedError("the handler is closed")
+            if self._reader is None:
+                try:
+                    self._reader_pooled = self._engine.raw_connection()
+                except Exception as exc:
+                    raise self._translate(exc) from exc
+                self._reader = Db(self._reader_pooled.driver_connection)
+            item: _Queued[T] = _Queued(run, False, False)
+            raw = self._reader.raw
+            try:
+                raw.execute("BEGIN")
+                item.outcome = (True, run(self._reader))
+            except BackgroundTaskError as exc:
+                item.outcome = (False, exc)
+            except Exception as exc:
+                item.outcome = (False, self._translate(exc))
+            finally:
+                _end_transaction(raw)  # a read has nothing to commit
+            return item
+        finally:
+            self._reader_lock.release()
+
+    def _close_reader(self) -> None:
+        with self._reader_lock:
+            if self._reader_pooled is not None:
+                self._reader_pooled.close()
+                self._reader_pooled = self._reader = None
+
     def call(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
         """Run ``run`` and block until it has committed; return its result.
 
         When nothing else is running, the transaction runs right here on the calling
-        thread; otherwise it joins the worker's next batch.
+        thread; a read that finds the connection busy runs on a second one (see
+        :meth:`_read_aside`); otherwise it joins the running or next batch.
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("a store operation called itself from the commit worker")
         done = self._run_inline(run, writes, relaxed)
+        if done is None and not writes:
+            done = self._read_aside(run)
         if done is not None:
             return _result(done)
         return self.submit(run, writes=writes, relaxed=relaxed).result()
@@ -163,7 +216,8 @@ class CommitWorker:
     async def acall(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
         """Run ``run`` and return once it has committed.
 
-        Reads and relaxed writes (no fsync) run inline when the connection is idle. A
+        Reads and relaxed writes (no fsync) run inline when the connection is idle (reads
+        also on the second connection when it is not). A
         durable write first lets the loop run once; if no other durable write of this
         handler is under way and the connection is idle, it commits inline (blocking the
         loop for one commit, as a sync call does). Otherwise it goes to the worker thread,
@@ -171,6 +225,8 @@ class CommitWorker:
         """
         if not writes or relaxed:
             done = self._run_inline(run, writes, relaxed)
+            if done is None and not writes:
+                done = self._read_aside(run)
             if done is not None:
                 return _result(done)
             return await self._handoff(run, writes, relaxed)
@@ -217,29 +273,73 @@ class CommitWorker:
                         self._wakeup.wait()
                     if not self._queue:
                         return
-                    count = min(len(self._queue), MAX_BATCH)
-                    batch = [self._queue.popleft() for _ in range(count)]
+                    batch = self._take_batch()
                 with self._connection_lock:
-                    self._execute(batch)
-                _deliver(batch)
-                del batch  # let the finished operations (and what they hold) go
+                    done = self._execute(batch)
+                _deliver(done)
+                del batch, done  # let the finished operations (and what they hold) go
         finally:
+            self._close_reader()
             with self._connection_lock:
                 self._pooled.close()
                 self._engine.dispose()
 
-    def _execute(self, batch: list[_Queued[Any]]) -> None:
-        """Run ``batch`` in one transaction, setting each item's ``outcome``."""
+    def _take_batch(self) -> list[_Queued[Any]]:
+        """The next batch (called holding ``_wakeup``): blocked threads' operations alone
+        if any wait at the front, so a sync call never waits for queued async writes;
+        otherwise everything queued, up to ``MAX_BATCH``."""
+        queue = self._queue
+        if self._threads_queued:
+            batch: list[_Queued[Any]] = []
+            while queue and queue[0].future is not None and len(batch) < MAX_BATCH:
+                batch.append(queue.popleft())
+            if batch:
+                self._threads_queued -= len(batch)
+                return batch
+        count = min(len(queue), MAX_BATCH)
+        batch = [queue.popleft() for _ in range(count)]
+        self._threads_queued -= sum(1 for item in batch if item.future is not None)
+        return batch
+
+    def _make_way(self, items: list[_Queued[Any]], ran: int) -> bool:
+        """Let blocked threads into the running transaction (called between operations).
+
+        The async operations of ``items[ran:]`` (not started) go back to the front of the
+        queue for the next batch, and the threads' operations take their place, so a sync
+        call waits for one commit, not for the rest of a large batch of async writes.
+        """
+        with self._wakeup:
+            joining = self._take_batch() if self._threads_queued else []
+            if not joining:
+                return False
+            waiting = items[ran:]
+            self._queue.extendleft(reversed([item for item in waiting if item.future is None]))
+            del items[ran:]
+            # Threads' operations already started (``wanted``) stay in this transaction.
+            items.extend(item for item in waiting if item.future is not None)
+            items.extend(item for item in joining if item.wanted())
+            return True
+
+    def _execute(self, batch: list[_Queued[Any]]) -> list[_Queued[Any]]:
+        """Run ``batch`` in one transaction, setting each item's ``outcome``.
+
+        Returns the operations that ran (and so must be answered): callers who gave up
+        are left out, and blocked threads may have taken the place of some async
+        operations, which went back to the queue (see :meth:`_make_way`).
+        """
         items = [item for item in batch if item.wanted()]
-        if not items:
-            return
+        if items:
+            self._run_batch(items)
+        return items
+
+    def _run_batch(self, items: list[_Queued[Any]]) -> None:
         relax = self._synchronous == "FULL" and all(item.relaxed for item in items)
         raw = self._db.raw
         try:
             if relax:
                 raw.execute("PRAGMA synchronous=NORMAL")
             try:
-                self._transaction(items)
+                self._transaction(items, may_make_way=not relax)
             finally:
                 if relax:
                     raw.execute("PRAGMA synchronous=FULL")
@@ -254,19 +354,31 @@ class CommitWorker:
                 return
             logger.debug("batch of %d failed (%s); retrying one by one", len(items), exc)
             for item in items:
-                self._execute([item])
+                self._run_batch([item])
             return
         self.commits += 1
 
-    def _transaction(self, items: list[_Queued[Any]]) -> None:
+    def _transaction(self, items: list[_Queued[Any]], *, may_make_way: bool) -> None:
+        """Run ``items`` in one transaction. In a write transaction that is not relaxed,
+        blocked threads may join between operations (``items`` is then changed in place
+        to what actually ran)."""
         raw = self._db.raw
-        raw.execute("BEGIN IMMEDIATE" if any(item.writes for item in items) else "BEGIN")
+        writes = any(item.writes for item in items)
+        may_make_way = may_make_way and writes
+        raw.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         try:
-            for item in items:
+            ran = 0
+            while ran < len(items):
+                if may_make_way and ran and self._threads_queued and self._make_way(items, ran):
+                    may_make_way = False  # once per transaction: it must end soon
+                    if ran == len(items):
+                        break
+                item = items[ran]
                 try:
                     item.outcome = (True, item.run(self._db))
                 except BackgroundTaskError as exc:
                     item.outcome = (False, exc)
+                ran += 1
             raw.execute("COMMIT")
         except BaseException:
             _end_transaction(raw)

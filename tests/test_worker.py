@@ -1,0 +1,148 @@
+"""The commit worker's scheduling, on a real SQLite file: a blocked thread's write does
+not wait for a large batch of async writes, a blocked read does not wait for the writer,
+and a failing batch that holds a thread's operation is retried without losing anyone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from orbiter.errors import DatabaseError
+from orbiter.store.engine import create_sync_engine, resolve_database
+from orbiter.store.executor import Db
+from orbiter.store.worker import CommitWorker
+
+WAIT = 10.0  # seconds a test waits for another thread before it fails
+
+
+@pytest.fixture
+def worker(db_path: Path) -> Iterator[CommitWorker]:
+    with sqlite3.connect(db_path) as setup:
+        setup.execute("PRAGMA journal_mode=WAL")
+        setup.execute("CREATE TABLE log (name TEXT NOT NULL)")
+    engine = create_sync_engine(resolve_database(db_path))
+    commit_worker = CommitWorker(engine, translate=lambda exc: DatabaseError(str(exc)))
+    yield commit_worker
+    commit_worker.close()
+
+
+def _log(name: str, db: Db) -> str:
+    db.raw.execute("INSERT INTO log (name) VALUES (?)", (name,))
+    return name
+
+
+def _committed(db_path: Path) -> list[str]:
+    """What another connection sees: the committed rows, in insertion order."""
+    with sqlite3.connect(db_path) as reader:
+        return [row[0] for row in reader.execute("SELECT name FROM log ORDER BY rowid")]
+
+
+def _wait_until(condition: object, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.001)
+
+
+def _join_started(thread: threading.Thread) -> None:
+    _wait_until(lambda: thread.ident is not None, "the thread to start")
+    thread.join(WAIT)
+    assert not thread.is_alive()
+
+
+async def test_a_blocked_threads_write_takes_the_place_of_queued_async_writes(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    sync_result: list[str] = []
+
+    def sync_caller() -> None:
+        sync_result.append(worker.call(partial(_log, "sync")))
+
+    thread = threading.Thread(target=sync_caller)
+
+    def first_async_write(db: Db) -> str:
+        # The batch is running: a thread makes a sync call now, and queues behind it.
+        thread.start()
+        _wait_until(lambda: worker._threads_queued == 1, "the thread's call")
+        return _log("async-0", db)
+
+    writes = [worker._handoff(first_async_write, True, False)]
+    writes += [worker._handoff(partial(_log, f"async-{k}"), True, False) for k in range(1, 200)]
+    gathered = asyncio.gather(*writes)
+    await asyncio.get_running_loop().run_in_executor(None, _join_started, thread)
+    assert sync_result == ["sync"]
+    # The thread's write ran right after the one operation already running, before the
+    # rest of the batch, which still completes, in order, in a later commit.
+    assert await gathered == [f"async-{k}" for k in range(200)]
+    assert _committed(db_path) == ["async-0", "sync"] + [f"async-{k}" for k in range(1, 200)]
+
+
+async def test_a_blocked_read_does_not_wait_for_the_writer(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    worker.call(partial(_log, "committed"))
+    release = threading.Event()
+
+    def slow_write(db: Db) -> str:
+        _log("uncommitted", db)
+        release.wait(WAIT)
+        return "slow"
+
+    slow = asyncio.ensure_future(worker._handoff(slow_write, True, False))
+    await asyncio.sleep(0.05)  # the worker is inside slow_write, holding the connection
+    try:
+        seen = worker.call(
+            lambda db: [row[0] for row in db.raw.execute("SELECT name FROM log")], writes=False
+        )
+        # Answered while the write is still running, from the committed state.
+        assert not slow.done()
+        assert seen == ["committed"]
+    finally:
+        release.set()
+    assert await slow == "slow"
+    assert _committed(db_path) == ["committed", "uncommitted"]
+
+
+async def test_a_threads_operation_that_fails_in_a_shared_batch_fails_alone(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    thread_errors: list[BaseException] = []
+
+    def broken(db: Db) -> str:
+        _log("half-written", db)
+        raise ValueError("a bug in an operation")
+
+    def sync_caller() -> None:
+        try:
+            worker.call(broken)
+        except BaseException as exc:
+            thread_errors.append(exc)
+
+    thread = threading.Thread(target=sync_caller)
+
+    def first_async_write(db: Db) -> str:
+        if thread.ident is None:  # not when the batch is retried
+            thread.start()
+            _wait_until(lambda: worker._threads_queued == 1, "the thread's call")
+        return _log("async-0", db)
+
+    writes = [worker._handoff(first_async_write, True, False)]
+    writes += [worker._handoff(partial(_log, f"async-{k}"), True, False) for k in range(1, 10)]
+    gathered = asyncio.gather(*writes)
+    # The thread's operation joins the running batch and makes it fail; the batch is
+    # retried one operation per transaction, so only the faulty one fails.
+    assert await gathered == [f"async-{k}" for k in range(10)]
+    await asyncio.get_running_loop().run_in_executor(None, _join_started, thread)
+    assert len(thread_errors) == 1
+    assert isinstance(thread_errors[0], DatabaseError)
+    assert "a bug in an operation" in str(thread_errors[0])
+    assert worker.call(partial(_log, "after")) == "after"
+    assert _committed(db_path) == [f"async-{k}" for k in range(10)] + ["after"]
