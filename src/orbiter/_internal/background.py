@@ -314,11 +314,13 @@ class BackgroundTaskHandler:
         """
         _check_id(task_id, "task_id")
         mode = MergeMode.HOT if is_main_running else MergeMode.WAKEUP
-        task = await self._store.complete(task_id, result, mode)
+        merge_now = mode is MergeMode.HOT and bool(self._merge_callbacks)
+        task = await self._store.complete(task_id, result, mode, want_task=merge_now)
         logger.debug("background task %r completed: %s merge", task_id, mode.value)
         if node := self._node(task_id):
             node.succeed()
-        if mode is MergeMode.HOT:
+        if merge_now:
+            assert task is not None
             await self._notify_merge(task, mode)
         return mode
 

@@ -29,8 +29,14 @@ class TaskStore(Protocol):
         """Store a new RUNNING task; raise ``DuplicateTaskError`` if the id exists."""
         ...
 
-    async def complete(self, task_id: str, result: Any, mode: MergeMode) -> BackgroundTask:
-        """Record the task's result (queueing it when ``mode`` is WAKEUP); return the task."""
+    async def complete(
+        self, task_id: str, result: Any, mode: MergeMode, *, want_task: bool = True
+    ) -> BackgroundTask | None:
+        """Record the task's result (queueing it when ``mode`` is WAKEUP).
+
+        Returns the task; a store may return None instead when ``want_task`` is False
+        (building the object has a cost the caller does not need to pay).
+        """
         ...
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:

@@ -62,12 +62,16 @@ def _check_keys(value: Any) -> None:
             stack.extend(item for item in current if isinstance(item, _CONTAINERS))  # pyright: ignore[reportUnknownVariableType]
 
 
+#: One encoder for every call (``json.dumps`` with options builds a new one each time).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 class JsonCodec:
     """Strict JSON: dicts with str keys, lists, str, int, finite float, bool, None."""
 
     def dumps(self, value: Any) -> str:
         """Encode ``value``; raise ``TypeError``/``ValueError`` naming what cannot be stored."""
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        text = _ENCODER.encode(value)
         if isinstance(value, _CONTAINERS):
             _check_keys(value)
         return text

@@ -44,12 +44,14 @@ def compile_statement(statement: ClauseElement) -> _Compiled:
 
 
 class Db:
-    """What an operation gets: the worker's ``sqlite3`` connection, inside a transaction."""
+    """What an operation gets: the worker's ``sqlite3`` connection, inside a transaction,
+    and ``now``, the transaction's timestamp (taken once per batch, as stored)."""
 
-    __slots__ = ("raw",)
+    __slots__ = ("now", "raw")
 
     def __init__(self, raw: sqlite3.Connection) -> None:
         self.raw = raw
+        self.now = ""
 
     def execute(
         self, statement: ClauseElement, params: dict[str, Any] | None = None

@@ -50,7 +50,9 @@ class MemoryStore:
             raise DuplicateTaskError(task.task_id)
         self._tasks[task.task_id] = task
 
-    async def complete(self, task_id: str, result: Any, mode: MergeMode) -> BackgroundTask:
+    async def complete(
+        self, task_id: str, result: Any, mode: MergeMode, *, want_task: bool = True
+    ) -> BackgroundTask:
         task = self._running_task(task_id)
         task.complete(result)
         task.merge_mode = mode

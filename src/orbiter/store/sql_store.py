@@ -159,11 +159,11 @@ class SqlStore:
             "parent_task_id": task.parent_task_id,
             "status": task.status.value,
             "payload": self._encode(task.payload, "payload"),
-            "now": utc_now_text(),
             "owner_id": self.identity.owner_id,
         }
 
         def insert(db: Db) -> None:
+            params["now"] = db.now
             if db.changes(queries.insert_task(), params) == 0:
                 raise DuplicateTaskError(params["task_id"])
 
@@ -174,6 +174,7 @@ class SqlStore:
         self, task_id: str, statement: Any, params: dict[str, Any], enqueue: bool
     ) -> Any:
         def finish(db: Db) -> TaskRow:
+            params["now"] = db.now
             row = db.first(statement, params)
             if row is None:
                 status = db.scalar(queries.task_status(), {"id": task_id})
@@ -181,7 +182,7 @@ class SqlStore:
                     raise TaskNotFoundError(task_id)
                 raise TaskAlreadyCompletedError(task_id, status)
             if enqueue:
-                db.execute(queries.enqueue(), {"task_id": task_id, "now": params["now"]})
+                db.execute(queries.enqueue(), {"task_id": task_id, "now": db.now})
             return tuple(row)
 
         return finish
@@ -195,26 +196,29 @@ class SqlStore:
             self._tasks[task_id] = task
         return task
 
-    async def complete(self, task_id: str, result: Any, mode: MergeMode) -> BackgroundTask:
+    async def complete(
+        self, task_id: str, result: Any, mode: MergeMode, *, want_task: bool = True
+    ) -> BackgroundTask | None:
         params = {
             "id": task_id,
             "result": self._encode(result, "result"),
             "merge_mode": mode.value,
-            "now": utc_now_text(),
         }
         operation = self._finish_op(
             task_id, queries.complete_task(), params, enqueue=mode is MergeMode.WAKEUP
         )
         row = await self._worker.acall(operation)
-        task = self._held_task(task_id, row)
-        task.complete(result)
-        task.merge_mode = mode
         if mode is MergeMode.WAKEUP:
             self.pending_signal.notify()
+        # The object someone holds must show the result; nobody else needs one built.
+        task = self._held_task(task_id, row) if want_task else self._tasks.get(task_id)
+        if task is not None:
+            task.complete(result)
+            task.merge_mode = mode
         return task
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
-        params = {"id": task_id, "error": error, "now": utc_now_text()}
+        params = {"id": task_id, "error": error}
         row = self._worker.call(self._finish_op(task_id, queries.fail_task(), params, False))
         task = self._held_task(task_id, row)
         task.fail(error)
@@ -234,7 +238,6 @@ class SqlStore:
         return [self._task_from_row(row) for row in rows]
 
     def push_pending(self, task: BackgroundTask) -> None:
-        now = utc_now_text()
         params = {
             "task_id": task.task_id,
             "parent_task_id": task.parent_task_id,
@@ -243,13 +246,13 @@ class SqlStore:
             "payload": self._encode(task.payload, "payload"),
             "result": self._encode(task.result, "result") if task.is_complete else None,
             "error": task.error,
-            "now": now,
             "owner_id": self.identity.owner_id,
         }
 
         def push(db: Db) -> None:
+            params["now"] = db.now
             db.execute(queries.insert_pushed_task(), params)
-            db.execute(queries.enqueue(), {"task_id": params["task_id"], "now": now})
+            db.execute(queries.enqueue(), {"task_id": params["task_id"], "now": db.now})
 
         self._worker.call(push)
         self._tasks[task.task_id] = task

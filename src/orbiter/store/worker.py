@@ -39,6 +39,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Engine
 
 from orbiter.errors import BackgroundTaskError, HandlerClosedError
+from orbiter.store.codec import utc_now_text
 from orbiter.store.executor import Db
 
 __all__ = ["CommitWorker", "Operation"]
@@ -367,6 +368,7 @@ class CommitWorker:
         may_make_way = may_make_way and writes
         raw.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         try:
+            self._db.now = utc_now_text()
             ran = 0
             while ran < len(items):
                 if may_make_way and ran and self._threads_queued and self._make_way(items, ran):
