@@ -98,7 +98,9 @@ class CommitWorker:
         self._wakeup = threading.Condition(threading.Lock())
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
-        self._async_writes = 0  # durable async writes between their start and their commit
+        #: Durable async writes made during the current turn of each event loop, handed
+        #: on together at the end of the turn (see ``acall``).
+        self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
         self._threads_queued = 0  # queued operations a blocked thread waits for
         self._reader_lock = threading.Lock()  # whoever reads on the second connection
         self._reader: Db | None = None  # opened on first use, see _read_aside
@@ -128,6 +130,15 @@ class CommitWorker:
             if len(self._queue) == 1:
                 self._wakeup.notify()
 
+    def _enqueue_all(self, items: list[_Queued[Any]]) -> None:
+        with self._wakeup:
+            if self._closed:
+                raise HandlerClosedError("the handler is closed")
+            was_empty = not self._queue
+            self._queue.extend(items)
+            if was_empty:
+                self._wakeup.notify()
+
     def submit(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> Future[T]:
         """Queue ``run``; the future resolves after the transaction holding it commits.
 
@@ -142,19 +153,18 @@ class CommitWorker:
         assert item.future is not None
         return item.future
 
-    def _run_inline(self, run: Operation[T], writes: bool, relaxed: bool) -> _Queued[T] | None:
-        """Run ``run`` on the calling thread when the connection is idle (no hand-off).
+    def _run_inline(self, item: _Queued[T]) -> bool:
+        """Run ``item`` on the calling thread when the connection is idle (no hand-off).
 
-        Returns None when the worker is busy or has work queued; the caller then queues.
+        Returns False when the worker is busy or has work queued; the caller then queues.
         """
         if self._queue or not self._connection_lock.acquire(blocking=False):
-            return None
+            return False
         try:
             if self._closed:
                 raise HandlerClosedError("the handler is closed")
-            item: _Queued[T] = _Queued(run, writes, relaxed)
             self._execute([item])
-            return item
+            return True
         finally:
             self._connection_lock.release()
 
@@ -207,10 +217,10 @@ class CommitWorker:
         """
         if threading.current_thread() is self._thread:
             raise RuntimeError("a store operation called itself from the commit worker")
-        done = self._run_inline(run, writes, relaxed)
-        if done is None and not writes:
-            done = self._read_aside(run)
-        if done is not None:
+        item: _Queued[T] = _Queued(run, writes, relaxed)
+        if self._run_inline(item):
+            return _result(item)
+        if not writes and (done := self._read_aside(run)) is not None:
             return _result(done)
         return self.submit(run, writes=writes, relaxed=relaxed).result()
 
@@ -218,31 +228,43 @@ class CommitWorker:
         """Run ``run`` and return once it has committed.
 
         Reads and relaxed writes (no fsync) run inline when the connection is idle (reads
-        also on the second connection when it is not). A
-        durable write first lets the loop run once; if no other durable write of this
-        handler is under way and the connection is idle, it commits inline (blocking the
-        loop for one commit, as a sync call does). Otherwise it goes to the worker thread,
-        where concurrent writes share one commit and the loop does not wait.
+        also on the second connection when it is not). Durable writes made during one turn
+        of the event loop are handed on together at its end, in the order they were made:
+        a lone one commits inline if the connection is idle (blocking the loop for one
+        commit, as a sync call does); several, or any while the worker is busy, go to the
+        worker thread, where they share one commit and the loop does not wait.
         """
+        loop = asyncio.get_running_loop()
         if not writes or relaxed:
-            done = self._run_inline(run, writes, relaxed)
-            if done is None and not writes:
-                done = self._read_aside(run)
-            if done is not None:
+            item: _Queued[T] = _Queued(run, writes, relaxed)
+            if self._run_inline(item):
+                return _result(item)
+            if not writes and (done := self._read_aside(run)) is not None:
                 return _result(done)
             return await self._handoff(run, writes, relaxed)
-        self._async_writes += 1
+        waiter: asyncio.Future[T] = loop.create_future()
+        staged = self._staged.get(loop)
+        if staged is None:
+            if self._closed:
+                raise HandlerClosedError("the handler is closed")
+            self._staged[loop] = staged = []
+            loop.call_soon(self._hand_on_staged, loop)
+        staged.append(_Queued(run, writes, relaxed, waiter=waiter))
+        return await waiter
+
+    def _hand_on_staged(self, loop: asyncio.AbstractEventLoop) -> None:
+        """At the end of a loop turn: run the turn's lone durable write inline, or queue
+        the turn's writes for the worker (one batch, in call order)."""
+        staged = self._staged.pop(loop)
         try:
-            # Let concurrent writers show up before deciding (all of them wait this one
-            # turn, so calls reach the queue in the order they were made).
-            await asyncio.sleep(0)
-            if self._async_writes == 1:
-                done = self._run_inline(run, writes, relaxed)
-                if done is not None:
-                    return _result(done)
-            return await self._handoff(run, writes, relaxed)
-        finally:
-            self._async_writes -= 1
+            if len(staged) == 1 and self._run_inline(staged[0]):
+                _settle(staged)
+                return
+            self._enqueue_all(staged)
+        except BaseException as exc:  # closed meanwhile, or the inline run itself failed
+            for item in staged:
+                if item.waiter is not None and not item.waiter.done():
+                    item.waiter.set_exception(exc)
 
     async def _handoff(self, run: Operation[T], writes: bool, relaxed: bool) -> T:
         waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
