@@ -165,3 +165,27 @@ def test_a_file_with_only_views_is_foreign(tmp_path: Path) -> None:
     with pytest.raises(SchemaError, match="not an orbiter-background one"):
         BackgroundTaskHandler(database=target)
     assert target.read_bytes() == before
+
+
+def test_a_handler_collected_on_its_commit_thread_still_closes(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    worker = handler._store._worker  # type: ignore[attr-defined]
+    handler._store._cycle = handler._store  # type: ignore[attr-defined]  # only GC frees it
+    del handler
+    gc.disable()  # the next collection happens where we say: on the commit thread
+    try:
+
+        def collect_here(db: object) -> None:
+            gc.collect()
+
+        worker.submit(collect_here).result(timeout=5)  # runs on the commit thread
+    finally:
+        gc.enable()
+    deadline = time.monotonic() + 5
+    while not worker.closed or worker._thread.is_alive():
+        assert time.monotonic() < deadline, "the collected handler never closed"
+        time.sleep(0.01)
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT count(*) = count(closed_at) FROM owners").fetchone() == (
+            1,
+        )

@@ -146,3 +146,58 @@ async def test_a_threads_operation_that_fails_in_a_shared_batch_fails_alone(
     assert "a bug in an operation" in str(thread_errors[0])
     assert worker.call(partial(_log, "after")) == "after"
     assert _committed(db_path) == [f"async-{k}" for k in range(10)] + ["after"]
+
+
+async def test_async_writes_progress_while_threads_write_back_to_back(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    stop = threading.Event()
+    sync_calls = [0, 0]
+
+    def slow_write(name: str, db: Db) -> str:
+        time.sleep(0.001)  # a slow statement or fsync keeps a thread's call queued
+        return _log(name, db)
+
+    def hammer(index: int) -> None:
+        while not stop.is_set():
+            worker.call(partial(slow_write, f"sync-{index}"))
+            sync_calls[index] += 1
+
+    threads = [threading.Thread(target=hammer, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait_until(lambda: min(sync_calls) > 10, "both threads to be writing")
+        # Threads' calls go first, but queued async writes are owed the next batch:
+        # they must not wait for the threads to stop.
+        done = await asyncio.wait_for(
+            asyncio.gather(*(worker.acall(partial(_log, f"async-{k}")) for k in range(5))),
+            WAIT,
+        )
+        assert not stop.is_set()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+    assert done == [f"async-{k}" for k in range(5)]
+
+
+async def test_a_later_async_write_never_commits_before_an_earlier_one(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    # Another thread's call runs inline, so the worker takes A and waits for the
+    # connection; B, made in a later loop turn, must queue behind A, not run inline.
+    worker._connection_lock.acquire()
+    try:
+        first = asyncio.ensure_future(worker.acall(partial(_log, "A")))
+        await asyncio.sleep(0)  # A is staged
+        await asyncio.sleep(0)  # A's turn ended: it was handed on (the connection is busy)
+        assert not worker._staged
+        # The worker takes A and waits for the connection.
+        _wait_until(lambda: not worker._queue, "the worker to take A")
+        second = asyncio.ensure_future(worker.acall(partial(_log, "B")))
+        await asyncio.sleep(0)  # B's turn ends: it is handed on
+    finally:
+        worker._connection_lock.release()
+    assert await asyncio.gather(first, second) == ["A", "B"]
+    assert _committed(db_path) == ["A", "B"]

@@ -42,7 +42,8 @@ class Heartbeat:
             if renew is None:
                 return
             try:
-                future = self._worker.submit(renew, relaxed=True)
+                # Nobody waits for it: it takes its turn behind queued writes.
+                future = self._worker.submit(renew, relaxed=True, urgent=False)
             except HandlerClosedError:
                 return
             del renew

@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import sqlite3
+import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Collection, Sequence
@@ -485,6 +486,13 @@ def _any_pending(db: Db) -> bool:
 def _shut_down(worker: CommitWorker, heartbeat: Heartbeat, owner_id: str) -> None:
     """Stop the heartbeat, mark the owner closed (its running tasks become orphans that
     any process may settle at once), and close the connection."""
+    if worker.on_commit_thread:
+        # Collected on the commit thread (a cycle through an on_merge callback, say):
+        # it cannot wait for itself, so another thread does the closing.
+        threading.Thread(
+            target=_shut_down, args=(worker, heartbeat, owner_id), name="orbiter-bg-close"
+        ).start()
+        return
     heartbeat.stop()
     with contextlib.suppress(BackgroundTaskError):
         worker.call(partial(_close_owner, owner_id))

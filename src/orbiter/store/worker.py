@@ -65,6 +65,7 @@ class _Queued(Generic[T]):
     future: Future[T] | None = None
     waiter: asyncio.Future[T] | None = None
     outcome: tuple[bool, Any] = (False, None)
+    urgent: bool = False  # a blocked thread's, queued at the front
 
     def wanted(self) -> bool:
         """False if the caller gave up (cancelled) before the operation started."""
@@ -101,7 +102,12 @@ class CommitWorker:
         #: Durable async writes made during the current turn of each event loop, handed
         #: on together at the end of the turn (see ``acall``).
         self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
+        self._async_writes = 0  # durable async writes between their call and their return
         self._threads_queued = 0  # queued operations a blocked thread waits for
+        #: Async operations were passed over (threads-only batch, or sent back by
+        #: _make_way): the next batch takes everything and lets no thread in.
+        self._async_owed = False
+        self._let_threads_in = True
         self._reader_lock = threading.Lock()  # whoever reads on the second connection
         self._reader: Db | None = None  # opened on first use, see _read_aside
         self._reader_pooled: Any = None
@@ -123,6 +129,7 @@ class CommitWorker:
             if self._closed:
                 raise HandlerClosedError("the handler is closed")
             if first:
+                item.urgent = True
                 self._queue.appendleft(item)
                 self._threads_queued += 1
             else:
@@ -139,17 +146,19 @@ class CommitWorker:
             if was_empty:
                 self._wakeup.notify()
 
-    def submit(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> Future[T]:
+    def submit(
+        self, run: Operation[T], *, writes: bool = True, relaxed: bool = False, urgent: bool = True
+    ) -> Future[T]:
         """Queue ``run``; the future resolves after the transaction holding it commits.
 
         ``relaxed`` operations (acknowledgements whose loss only means a redelivery) may
         commit with ``synchronous=NORMAL``: safe against a process crash, not power loss.
-        A batch is relaxed only if every operation in it is.
+        A batch is relaxed only if every operation in it is. An ``urgent`` operation (a
+        blocked thread's, perhaps the event loop's) goes first: it joins the running or
+        very next batch instead of waiting behind queued async writes.
         """
         item: _Queued[T] = _Queued(run, writes, relaxed, future=Future())
-        # A blocked thread (perhaps the event loop's) goes first: it joins the very next
-        # batch instead of waiting behind queued async writes.
-        self._enqueue(item, first=True)
+        self._enqueue(item, first=urgent)
         assert item.future is not None
         return item.future
 
@@ -215,7 +224,7 @@ class CommitWorker:
         thread; a read that finds the connection busy runs on a second one (see
         :meth:`_read_aside`); otherwise it joins the running or next batch.
         """
-        if threading.current_thread() is self._thread:
+        if self.on_commit_thread:
             raise RuntimeError("a store operation called itself from the commit worker")
         item: _Queued[T] = _Queued(run, writes, relaxed)
         if self._run_inline(item):
@@ -250,14 +259,21 @@ class CommitWorker:
             self._staged[loop] = staged = []
             loop.call_soon(self._hand_on_staged, loop)
         staged.append(_Queued(run, writes, relaxed, waiter=waiter))
-        return await waiter
+        self._async_writes += 1
+        try:
+            return await waiter
+        finally:
+            self._async_writes -= 1
 
     def _hand_on_staged(self, loop: asyncio.AbstractEventLoop) -> None:
         """At the end of a loop turn: run the turn's lone durable write inline, or queue
         the turn's writes for the worker (one batch, in call order)."""
         staged = self._staged.pop(loop)
         try:
-            if len(staged) == 1 and self._run_inline(staged[0]):
+            # Inline only if no earlier async write is still on its way: a later call
+            # must not commit (and queue its result) before an earlier one.
+            lone = len(staged) == 1 and self._async_writes == 1
+            if lone and self._run_inline(staged[0]):
                 _settle(staged)
                 return
             self._enqueue_all(staged)
@@ -282,6 +298,11 @@ class CommitWorker:
             self._thread.join()
 
     @property
+    def on_commit_thread(self) -> bool:
+        """Whether the caller is the commit thread itself (which must not wait on it)."""
+        return threading.current_thread() is self._thread
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
@@ -296,6 +317,7 @@ class CommitWorker:
                         self._wakeup.wait()
                     if not self._queue:
                         return
+                    self._let_threads_in = not self._async_owed
                     batch = self._take_batch()
                 with self._connection_lock:
                     done = self._execute(batch)
@@ -312,16 +334,18 @@ class CommitWorker:
         if any wait at the front, so a sync call never waits for queued async writes;
         otherwise everything queued, up to ``MAX_BATCH``."""
         queue = self._queue
-        if self._threads_queued:
+        if self._threads_queued and not self._async_owed:
             batch: list[_Queued[Any]] = []
-            while queue and queue[0].future is not None and len(batch) < MAX_BATCH:
+            while queue and queue[0].urgent and len(batch) < MAX_BATCH:
                 batch.append(queue.popleft())
             if batch:
                 self._threads_queued -= len(batch)
+                self._async_owed = bool(queue)
                 return batch
+        self._async_owed = False
         count = min(len(queue), MAX_BATCH)
         batch = [queue.popleft() for _ in range(count)]
-        self._threads_queued -= sum(1 for item in batch if item.future is not None)
+        self._threads_queued -= sum(1 for item in batch if item.urgent)
         return batch
 
     def _make_way(self, items: list[_Queued[Any]], ran: int) -> bool:
@@ -332,10 +356,13 @@ class CommitWorker:
         call waits for one commit, not for the rest of a large batch of async writes.
         """
         with self._wakeup:
+            if not self._let_threads_in:
+                return False
             joining = self._take_batch() if self._threads_queued else []
             if not joining:
                 return False
             waiting = items[ran:]
+            self._async_owed |= any(item.future is None for item in waiting)
             self._queue.extendleft(reversed([item for item in waiting if item.future is None]))
             del items[ran:]
             # Threads' operations already started (``wanted``) stay in this transaction.
