@@ -17,7 +17,7 @@ import pytest
 from orbiter.errors import DatabaseError
 from orbiter.store.engine import create_sync_engine, resolve_database
 from orbiter.store.executor import Db
-from orbiter.store.worker import CommitWorker
+from orbiter.store.worker import MAKE_WAY_AFTER, CommitWorker
 
 WAIT = 10.0  # seconds a test waits for another thread before it fails
 
@@ -79,10 +79,15 @@ async def test_a_blocked_threads_write_takes_the_place_of_queued_async_writes(
     gathered = asyncio.gather(*writes)
     await asyncio.get_running_loop().run_in_executor(None, _join_started, thread)
     assert sync_result == ["sync"]
-    # The thread's write ran right after the one operation already running, before the
-    # rest of the batch, which still completes, in order, in a later commit.
+    # The thread's write ran once MAKE_WAY_AFTER async writes had (so they progress),
+    # before the rest of the batch, which still completes, in order, in a later commit.
     assert await gathered == [f"async-{k}" for k in range(200)]
-    assert _committed(db_path) == ["async-0", "sync"] + [f"async-{k}" for k in range(1, 200)]
+    before, after = range(MAKE_WAY_AFTER), range(MAKE_WAY_AFTER, 200)
+    assert _committed(db_path) == [
+        *(f"async-{k}" for k in before),
+        "sync",
+        *(f"async-{k}" for k in after),
+    ]
 
 
 async def test_a_blocked_read_does_not_wait_for_the_writer(

@@ -51,6 +51,10 @@ T = TypeVar("T")
 #: Most operations one transaction takes; bounds a batch's latency and memory.
 MAX_BATCH = 2_000
 
+#: Async operations a batch runs before a blocked thread may take the place of the rest:
+#: bounds how long a sync call waits, and guarantees async writes progress meanwhile.
+MAKE_WAY_AFTER = 8
+
 Operation = Callable[[Db], T]
 
 
@@ -104,10 +108,9 @@ class CommitWorker:
         self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
         self._async_writes = 0  # durable async writes between their call and their return
         self._threads_queued = 0  # queued operations a blocked thread waits for
-        #: Async operations were passed over (threads-only batch, or sent back by
-        #: _make_way): the next batch takes everything and lets no thread in.
+        #: Async operations were passed over (a threads-only batch, or sent back by
+        #: _make_way): the next batch takes them too, after the threads'.
         self._async_owed = False
-        self._let_threads_in = True
         self._reader_lock = threading.Lock()  # whoever reads on the second connection
         self._reader: Db | None = None  # opened on first use, see _read_aside
         self._reader_pooled: Any = None
@@ -317,7 +320,6 @@ class CommitWorker:
                         self._wakeup.wait()
                     if not self._queue:
                         return
-                    self._let_threads_in = not self._async_owed
                     batch = self._take_batch()
                 with self._connection_lock:
                     done = self._execute(batch)
@@ -356,8 +358,6 @@ class CommitWorker:
         call waits for one commit, not for the rest of a large batch of async writes.
         """
         with self._wakeup:
-            if not self._let_threads_in:
-                return False
             joining = self._take_batch() if self._threads_queued else []
             if not joining:
                 return False
@@ -410,26 +410,37 @@ class CommitWorker:
 
     def _transaction(self, items: list[_Queued[Any]], *, may_make_way: bool) -> None:
         """Run ``items`` in one transaction. In a write transaction that is not relaxed,
-        blocked threads may join between operations (``items`` is then changed in place
-        to what actually ran)."""
+        blocked threads may join between operations once ``MAKE_WAY_AFTER`` of its async
+        operations have run (``items`` is then changed in place to what actually ran)."""
         raw = self._db.raw
         writes = any(item.writes for item in items)
         may_make_way = may_make_way and writes
+        async_left = sum(1 for item in items if item.future is None)
+        async_ran = 0
         raw.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
         try:
             self._db.now = utc_now_text()
             ran = 0
             while ran < len(items):
-                if may_make_way and ran and self._threads_queued and self._make_way(items, ran):
+                if (
+                    may_make_way
+                    and self._threads_queued
+                    and (async_ran >= MAKE_WAY_AFTER or (ran and not async_left))
+                    and self._make_way(items, ran)
+                ):
                     may_make_way = False  # once per transaction: it must end soon
                     if ran == len(items):
                         break
+                    async_left = 0  # what is left are threads' operations
                 item = items[ran]
                 try:
                     item.outcome = (True, item.run(self._db))
                 except BackgroundTaskError as exc:
                     item.outcome = (False, exc)
                 ran += 1
+                if item.future is None:
+                    async_ran += 1
+                    async_left -= 1
             raw.execute("COMMIT")
         except BaseException:
             _end_transaction(raw)
