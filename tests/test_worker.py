@@ -206,26 +206,3 @@ async def test_a_later_async_write_never_commits_before_an_earlier_one(
         worker._connection_lock.release()
     assert await asyncio.gather(first, second) == ["A", "B"]
     assert _committed(db_path) == ["A", "B"]
-
-
-@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
-async def test_the_write_ahead_log_stays_bounded(db_path: Path, synchronous: str) -> None:
-    # 3,000 submits commit ~16,000 WAL pages (~65 MB): without checkpoints the log would
-    # hold them all. At NORMAL the checkpointer thread copies them back; at FULL, SQLite's
-    # own checkpoint does, inside the commits.
-    from orbiter._internal.background import BackgroundTaskHandler
-
-    wal = db_path.with_name(db_path.name + "-wal")
-    largest = 0
-    async with BackgroundTaskHandler(database=db_path, synchronous=synchronous) as handler:
-        for index in range(3_000):
-            handler.submit(f"t{index}", "run", payload={"padding": "x" * 200})
-            if index % 250 == 0:
-                await asyncio.sleep(0.06)  # let a delayed checkpoint happen
-                largest = max(largest, wal.stat().st_size)
-        checkpointer = handler._store._worker._checkpointer  # type: ignore[attr-defined]
-    assert largest < 16 * 1024 * 1024
-    assert (checkpointer is not None) == (synchronous == "NORMAL")
-    if checkpointer is not None:
-        assert checkpointer.checkpoints > 0
-    assert not wal.exists()  # the last close checkpointed and removed the log

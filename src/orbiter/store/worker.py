@@ -39,7 +39,6 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Engine
 
 from orbiter.errors import BackgroundTaskError, HandlerClosedError
-from orbiter.store.checkpoint import Checkpointer
 from orbiter.store.codec import utc_now_text
 from orbiter.store.executor import Db
 
@@ -123,23 +122,6 @@ class CommitWorker:
             engine.dispose()
             raise translate(exc) from exc
         self._db = Db(self._pooled.driver_connection)  # type: ignore[arg-type]
-        self._checkpointer: Checkpointer | None = None
-        if synchronous == "NORMAL":
-            # Commits do not sync at NORMAL, so the checkpoint SQLite runs inside every
-            # ~1,000th commit (and its syncs) is what callers wait for at p99: run it on a
-            # thread of its own. At FULL the commits' own syncs dominate, and a concurrent
-            # checkpointer's syncs only slow them down (measured: W1 0.80x -> 0.53x).
-            try:
-                self._db.raw.execute("PRAGMA wal_autocheckpoint=0")
-                checkpointing = engine.raw_connection()
-            except Exception as exc:
-                self._pooled.close()
-                engine.dispose()
-                raise translate(exc) from exc
-            self._checkpointer = Checkpointer(
-                checkpointing.driver_connection,  # type: ignore[arg-type]
-                close=checkpointing.close,
-            )
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -345,8 +327,6 @@ class CommitWorker:
                 del batch, done  # let the finished operations (and what they hold) go
         finally:
             self._close_reader()
-            if self._checkpointer is not None:  # first: the writer's close is the last checkpoint
-                self._checkpointer.stop()
             with self._connection_lock:
                 self._pooled.close()
                 self._engine.dispose()
@@ -427,8 +407,6 @@ class CommitWorker:
                 self._run_batch([item])
             return
         self.commits += 1
-        if self._checkpointer is not None:
-            self._checkpointer.committed()
 
     def _transaction(self, items: list[_Queued[Any]], *, may_make_way: bool) -> None:
         """Run ``items`` in one transaction. In a write transaction that is not relaxed,
