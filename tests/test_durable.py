@@ -216,3 +216,26 @@ async def test_drain_streams_large_queue_in_batches(durable: BackgroundTaskHandl
     )
     drained = [t.result async for t in durable.drain_pending()]
     assert drained == sorted(drained) and len(drained) == count
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+async def test_the_write_ahead_log_stays_small_under_continuous_writes(
+    db_path: Path, synchronous: str
+) -> None:
+    # Back-to-back commits with no idle moment (a drain acknowledges every item): the log
+    # must still be copied back and restarted, not grow with every commit.
+    wal = db_path.with_name(db_path.name + "-wal")
+    async with BackgroundTaskHandler(database=db_path, synchronous=synchronous) as handler:
+        for index in range(3_000):
+            handler.submit(f"t{index}", "run", payload={"padding": "x" * 200})
+        await asyncio.gather(
+            *(handler.handle_result(f"t{i}", i, is_main_running=False) for i in range(3_000))
+        )
+        largest = 0
+        drained = 0
+        async for _task in handler.drain_pending():
+            drained += 1
+            if drained % 250 == 0:
+                largest = max(largest, wal.stat().st_size)
+        assert drained == 3_000
+    assert largest < 16 * 1024 * 1024  # ~10 MB of pages were written meanwhile
