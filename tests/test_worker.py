@@ -52,6 +52,23 @@ def _wait_until(condition: object, what: str) -> None:
         time.sleep(0.001)
 
 
+def _async_batch_joined_by(
+    worker: CommitWorker, thread: threading.Thread, count: int
+) -> asyncio.Future[list[str]]:
+    """``count`` async writes ("async-0"...) queued as one batch; while its first one runs,
+    ``thread`` starts, and its sync call queues behind the running batch."""
+
+    def first_async_write(db: Db) -> str:
+        if thread.ident is None:  # not again when the batch is retried
+            thread.start()
+            _wait_until(lambda: worker._threads_queued == 1, "the thread's call")
+        return _log("async-0", db)
+
+    writes = [worker._handoff(first_async_write, True, False)]
+    writes += [worker._handoff(partial(_log, f"async-{k}"), True, False) for k in range(1, count)]
+    return asyncio.gather(*writes)
+
+
 def _join_started(thread: threading.Thread) -> None:
     _wait_until(lambda: thread.ident is not None, "the thread to start")
     thread.join(WAIT)
@@ -67,16 +84,7 @@ async def test_a_blocked_threads_write_takes_the_place_of_queued_async_writes(
         sync_result.append(worker.call(partial(_log, "sync")))
 
     thread = threading.Thread(target=sync_caller)
-
-    def first_async_write(db: Db) -> str:
-        # The batch is running: a thread makes a sync call now, and queues behind it.
-        thread.start()
-        _wait_until(lambda: worker._threads_queued == 1, "the thread's call")
-        return _log("async-0", db)
-
-    writes = [worker._handoff(first_async_write, True, False)]
-    writes += [worker._handoff(partial(_log, f"async-{k}"), True, False) for k in range(1, 200)]
-    gathered = asyncio.gather(*writes)
+    gathered = _async_batch_joined_by(worker, thread, 200)
     await asyncio.get_running_loop().run_in_executor(None, _join_started, thread)
     assert sync_result == ["sync"]
     # The thread's write ran once MAKE_WAY_AFTER async writes had (so they progress),
@@ -132,16 +140,7 @@ async def test_a_threads_operation_that_fails_in_a_shared_batch_fails_alone(
             thread_errors.append(exc)
 
     thread = threading.Thread(target=sync_caller)
-
-    def first_async_write(db: Db) -> str:
-        if thread.ident is None:  # not when the batch is retried
-            thread.start()
-            _wait_until(lambda: worker._threads_queued == 1, "the thread's call")
-        return _log("async-0", db)
-
-    writes = [worker._handoff(first_async_write, True, False)]
-    writes += [worker._handoff(partial(_log, f"async-{k}"), True, False) for k in range(1, 10)]
-    gathered = asyncio.gather(*writes)
+    gathered = _async_batch_joined_by(worker, thread, 10)
     # The thread's operation joins the running batch and makes it fail; the batch is
     # retried one operation per transaction, so only the faulty one fails.
     assert await gathered == [f"async-{k}" for k in range(10)]
@@ -204,5 +203,5 @@ async def test_a_later_async_write_never_commits_before_an_earlier_one(
         await asyncio.sleep(0)  # B's turn ends: it is handed on
     finally:
         worker._connection_lock.release()
-    assert await asyncio.gather(first, second) == ["A", "B"]
+    assert list(await asyncio.gather(first, second)) == ["A", "B"]
     assert _committed(db_path) == ["A", "B"]
