@@ -334,7 +334,8 @@ class CommitWorker:
     def _take_batch(self) -> list[_Queued[Any]]:
         """The next batch (called holding ``_wakeup``): blocked threads' operations alone
         if any wait at the front, so a sync call never waits for queued async writes;
-        otherwise everything queued, up to ``MAX_BATCH``."""
+        otherwise, or when async operations were passed over last time, everything
+        queued (threads' first), up to ``MAX_BATCH``."""
         queue = self._queue
         if self._threads_queued and not self._async_owed:
             batch: list[_Queued[Any]] = []
