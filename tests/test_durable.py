@@ -96,7 +96,7 @@ async def test_stored_form_is_readable_with_sqlite3(
 
 
 async def test_json_values_round_trip(db_path: Path) -> None:
-    values = [
+    values: list[object] = [
         None,
         True,
         0,

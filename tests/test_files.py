@@ -159,7 +159,7 @@ def test_database_size_limit_error_and_recovery(db_path: Path) -> None:
 
     from orbiter.store import sql_store
 
-    sql_store.create_sync_engine = limited  # type: ignore[assignment]
+    sql_store.create_sync_engine = limited  # type: ignore[attr-defined,assignment]
     try:
         with BackgroundTaskHandler(database=db_path) as handler:
             with pytest.raises(DatabaseError, match="full"):
@@ -167,7 +167,7 @@ def test_database_size_limit_error_and_recovery(db_path: Path) -> None:
                     handler.submit(f"t{index}", "run", payload="y" * 2_000)
             assert handler.get_task("before") is not None
     finally:
-        sql_store.create_sync_engine = original
+        sql_store.create_sync_engine = original  # type: ignore[attr-defined]
     with BackgroundTaskHandler(database=db_path) as handler:
         handler.submit("after", "run", payload="z" * 10_000)
         assert handler.get_task("before").payload == "x"  # type: ignore[union-attr]
