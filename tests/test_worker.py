@@ -205,3 +205,17 @@ async def test_a_later_async_write_never_commits_before_an_earlier_one(
         worker._connection_lock.release()
     assert list(await asyncio.gather(first, second)) == ["A", "B"]
     assert _committed(db_path) == ["A", "B"]
+
+
+def test_relaxed_operations_commit_at_normal_and_durable_ones_at_full(
+    worker: CommitWorker,
+) -> None:
+    def level(db: Db) -> int:
+        _log("x", db)
+        return int(db.raw.execute("PRAGMA synchronous").fetchone()[0])
+
+    full, normal = 2, 1
+    assert worker.call(level) == full
+    assert worker.call(level, relaxed=True) == normal
+    assert worker.call(level, relaxed=True) == normal
+    assert worker.call(level) == full  # a durable write after relaxed ones: FULL again

@@ -98,6 +98,7 @@ class CommitWorker:
     ) -> None:
         self._engine = engine
         self._synchronous = synchronous
+        self._level = synchronous  # the connection's PRAGMA synchronous right now
         self._translate = translate
         self._queue: deque[_Queued[Any]] = deque()
         self._wakeup = threading.Condition(threading.Lock())
@@ -387,13 +388,13 @@ class CommitWorker:
         relax = self._synchronous == "FULL" and all(item.relaxed for item in items)
         raw = self._db.raw
         try:
-            if relax:
-                raw.execute("PRAGMA synchronous=NORMAL")
-            try:
-                self._transaction(items, may_make_way=not relax)
-            finally:
-                if relax:
-                    raw.execute("PRAGMA synchronous=FULL")
+            # Switch the level only when it changes (a drain's acknowledgements come in
+            # runs): a durable batch always commits at the handler's level.
+            level = "NORMAL" if relax else self._synchronous
+            if level != self._level:
+                raw.execute(f"PRAGMA synchronous={level}")
+                self._level = level
+            self._transaction(items, may_make_way=not relax)
         except Exception as exc:
             _end_transaction(raw)
             if len(items) == 1 or isinstance(exc, sqlite3.OperationalError):
