@@ -221,6 +221,14 @@ class CommitWorker:
                 self._reader_pooled.close()
                 self._reader_pooled = self._reader = None
 
+    def _run_now(self, run: Operation[T], writes: bool, relaxed: bool) -> _Queued[T] | None:
+        """Run ``run`` without queueing if possible: inline when the connection is idle,
+        or, for a read, on the second connection. None when it has to be queued."""
+        item: _Queued[T] = _Queued(run, writes, relaxed)
+        if self._run_inline(item):
+            return item
+        return None if writes else self._read_aside(run)
+
     def call(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
         """Run ``run`` and block until it has committed; return its result.
 
@@ -230,10 +238,8 @@ class CommitWorker:
         """
         if self.on_commit_thread:
             raise RuntimeError("a store operation called itself from the commit worker")
-        item: _Queued[T] = _Queued(run, writes, relaxed)
-        if self._run_inline(item):
-            return _result(item)
-        if not writes and (done := self._read_aside(run)) is not None:
+        done = self._run_now(run, writes, relaxed)
+        if done is not None:
             return _result(done)
         return self.submit(run, writes=writes, relaxed=relaxed).result()
 
@@ -247,14 +253,12 @@ class CommitWorker:
         commit, as a sync call does); several, or any while the worker is busy, go to the
         worker thread, where they share one commit and the loop does not wait.
         """
-        loop = asyncio.get_running_loop()
         if not writes or relaxed:
-            item: _Queued[T] = _Queued(run, writes, relaxed)
-            if self._run_inline(item):
-                return _result(item)
-            if not writes and (done := self._read_aside(run)) is not None:
+            done = self._run_now(run, writes, relaxed)
+            if done is not None:
                 return _result(done)
             return await self._handoff(run, writes, relaxed)
+        loop = asyncio.get_running_loop()
         waiter: asyncio.Future[T] = loop.create_future()
         staged = self._staged.get(loop)
         if staged is None:
