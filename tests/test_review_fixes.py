@@ -1,5 +1,6 @@
 """Regression tests for defects found in review: lock waits, stalled owners, creation
-races, pushes over completed tasks, dropped handlers, waiting on claimed items."""
+races, pushes over completed tasks, dropped handlers, waiting on claimed items, reads
+racing completions."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -189,3 +191,34 @@ def test_a_handler_collected_on_its_commit_thread_still_closes(db_path: Path) ->
         assert connection.execute("SELECT count(*) = count(closed_at) FROM owners").fetchone() == (
             1,
         )
+
+
+@pytest.mark.parametrize("read", ["get_task", "list_tasks"])
+def test_a_read_racing_a_completion_never_rolls_a_held_task_back(db_path: Path, read: str) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        task = handler.submit("t", "run")
+        worker = handler._store._worker  # type: ignore[attr-defined]
+        real_call = worker.call
+
+        def read_then_complete_elsewhere(run: Any, **options: Any) -> Any:
+            rows = real_call(run, **options)  # read while the task still runs...
+            if options.get("writes") is False:  # ...and another thread completes it
+                other = threading.Thread(
+                    target=asyncio.run,
+                    args=(handler.handle_result("t", {"done": 1}, is_main_running=False),),
+                )
+                other.start()
+                other.join()
+            return rows
+
+        worker.call = read_then_complete_elsewhere
+        if read == "get_task":
+            got = handler.get_task("t")
+        else:
+            [got] = handler.list_tasks()
+        del worker.call
+        assert got is task
+        assert task.status is RunNodeStatus.SUCCESS
+        assert task.result == {"done": 1}
+        assert handler.get_task("t") is task  # a fresh read agrees
+        assert task.status is RunNodeStatus.SUCCESS

@@ -103,6 +103,9 @@ class SqlStore:
         self._tasks: weakref.WeakValueDictionary[str, BackgroundTask] = (
             weakref.WeakValueDictionary()
         )
+        #: Completions this handler has applied to its task objects so far: a read that
+        #: sees it move knows its rows may be older than an object it would update.
+        self._applied = 0
         if target.path is not None and not check_sqlite_file(target.path):
             create_private_file(target.path)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
@@ -136,11 +139,21 @@ class SqlStore:
 
     # -- rows to tasks -------------------------------------------------------------
 
-    def _task_from_row(self, row: TaskRow) -> BackgroundTask:
+    def _task_from_row(self, row: TaskRow, applied_before: int | None = None) -> BackgroundTask:
+        """The task object for ``row``: the one this handler holds, brought up to date, or
+        a new one. ``applied_before`` is ``_applied`` as it was before the read: if this
+        handler completed a task since, a still-active row is older than its object."""
         task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
         task = self._tasks.get(task_id)
         if task is not None and task.status == status:
             return task  # this handler made the change; the object is up to date
+        if (
+            task is not None
+            and applied_before is not None
+            and applied_before != self._applied
+            and status in queries.ACTIVE_STATUSES
+        ):
+            return task  # completed on another thread after this row was read
         if task is None:
             task = self._held_task(task_id, (parent_task_id, payload))
         task.status = RunNodeStatus(status)
@@ -216,6 +229,7 @@ class SqlStore:
         if task is not None:
             task.complete(result)
             task.merge_mode = mode
+            self._applied += 1
         return task
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
@@ -223,20 +237,23 @@ class SqlStore:
         row = self._worker.call(self._finish_op(task_id, queries.fail_task(), params, False))
         task = self._held_task(task_id, row)
         task.fail(error)
+        self._applied += 1
         return task
 
     def get(self, task_id: str) -> BackgroundTask | None:
+        applied = self._applied
         row = self._worker.call(
             lambda db: db.first(queries.select_task(), {"id": task_id}),
             writes=False,
         )
-        return None if row is None else self._task_from_row(row)
+        return None if row is None else self._task_from_row(row, applied)
 
     def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
         statement = queries.select_tasks(status is not None)
         params = {} if status is None else {"status": status.value}
+        applied = self._applied
         rows = self._worker.call(lambda db: db.all(statement, params), writes=False)
-        return [self._task_from_row(row) for row in rows]
+        return [self._task_from_row(row, applied) for row in rows]
 
     def push_pending(self, task: BackgroundTask) -> None:
         params = {
