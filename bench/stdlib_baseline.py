@@ -20,8 +20,7 @@ INSERT_TASK = (
 )
 COMPLETE_TASK = (
     "UPDATE background_tasks SET status=?, merge_mode=?, result=?, updated_at=? "
-    "WHERE background_tasks.task_id = ? AND background_tasks.status IN (?, ?) "
-    "RETURNING parent_task_id, payload"
+    "WHERE background_tasks.task_id = ? AND background_tasks.status IN (?, ?)"
 )
 ENQUEUE = (
     "INSERT INTO pending_queue (task_id, enqueued_at) VALUES (?, ?) "
@@ -99,7 +98,7 @@ class StdlibStore:
         now = utc_now_text()
         self._begin()
         params = ("success", "wakeup", dumps(result), now, task_id, "init", "running")
-        if self._db.execute(COMPLETE_TASK, params).fetchone() is None:
+        if self._db.execute(COMPLETE_TASK, params).rowcount == 0:
             raise KeyError(f"task {task_id!r} is not running")
         self._db.execute(ENQUEUE, (task_id, now))
         self._done()

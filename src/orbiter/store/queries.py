@@ -118,25 +118,32 @@ def insert_pushed_task() -> Insert:
     )
 
 
-def _finish(**values: object) -> Update:
-    return (
+def _finish(returning: bool, **values: object) -> Update:
+    stmt = (
         tasks.update()
         .where(tasks.c.task_id == bindparam("id"), _is_active())
         .values(updated_at=bindparam("now"), **values)
-        .returning(tasks.c.parent_task_id, tasks.c.payload)
+    )
+    return stmt.returning(tasks.c.parent_task_id, tasks.c.payload) if returning else stmt
+
+
+@cache
+def complete_task(returning: bool = True) -> Update:
+    """Mark an active task SUCCESS with its result and merge mode; returns its parent id
+    and payload if ``returning`` (building a task object needs them; RETURNING costs
+    about a third of the statement, so callers that need no object leave it out)."""
+    return _finish(
+        returning,
+        status="success",
+        result=bindparam("result"),
+        merge_mode=bindparam("merge_mode"),
     )
 
 
 @cache
-def complete_task() -> Update:
-    """Mark an active task SUCCESS with its result and merge mode; returns its row."""
-    return _finish(status="success", result=bindparam("result"), merge_mode=bindparam("merge_mode"))
-
-
-@cache
-def fail_task() -> Update:
-    """Mark an active task FAILED with its error; returns its row."""
-    return _finish(status="failed", error=bindparam("error"))
+def fail_task(returning: bool = True) -> Update:
+    """Mark an active task FAILED with its error; see :func:`complete_task`."""
+    return _finish(returning, status="failed", error=bindparam("error"))
 
 
 @cache

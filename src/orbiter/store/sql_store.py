@@ -16,11 +16,12 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Collection, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+from sqlalchemy import Update
 from sqlalchemy import exc as sa_exc
 
 from orbiter._internal.signal import Signal
@@ -47,7 +48,7 @@ from orbiter.store.engine import (
 from orbiter.store.executor import Db
 from orbiter.store.heartbeat import Heartbeat
 from orbiter.store.owner import OwnerIdentity, owner_gone_reason
-from orbiter.store.worker import CommitWorker
+from orbiter.store.worker import CommitWorker, Operation
 
 __all__ = ["SqlStore"]
 
@@ -185,19 +186,34 @@ class SqlStore:
         self._tasks[task.task_id] = task
 
     def _finish_op(
-        self, task_id: str, statement: Any, params: dict[str, Any], enqueue: bool
-    ) -> Any:
-        def finish(db: Db) -> TaskRow:
+        self,
+        task_id: str,
+        update: Callable[[bool], Update],
+        params: dict[str, Any],
+        *,
+        returning: bool,
+        enqueue: bool,
+    ) -> Operation[TaskRow | None]:
+        """The guarded ``update`` that finishes a task (and queues it if ``enqueue``); it
+        returns the task's parent id and payload if ``returning``, else None."""
+        statement = update(returning)
+
+        def finish(db: Db) -> TaskRow | None:
             params["now"] = db.now
-            row = db.first(statement, params)
-            if row is None:
+            if returning:
+                row = db.first(statement, params)
+                changed = row is not None
+            else:
+                row = None
+                changed = db.changes(statement, params) > 0
+            if not changed:
                 status = db.scalar(queries.task_status(), {"id": task_id})
                 if status is None:
                     raise TaskNotFoundError(task_id)
                 raise TaskAlreadyCompletedError(task_id, status)
             if enqueue:
                 db.execute(queries.enqueue(), {"task_id": task_id, "now": db.now})
-            return tuple(row)
+            return None if row is None else tuple(row)
 
         return finish
 
@@ -210,6 +226,16 @@ class SqlStore:
             self._tasks[task_id] = task
         return task
 
+    def _finished(
+        self, task_id: str, held: BackgroundTask | None, row: TaskRow | None
+    ) -> BackgroundTask | None:
+        """After a finishing update: the object to update, if anyone may hold one."""
+        if held is not None:
+            return held
+        if row is not None:
+            return self._held_task(task_id, row)
+        return self._tasks.get(task_id)  # a concurrent get_task may have made one
+
     async def complete(
         self, task_id: str, result: Any, mode: MergeMode, *, want_task: bool = True
     ) -> BackgroundTask | None:
@@ -218,14 +244,20 @@ class SqlStore:
             "result": self._encode(result, "result"),
             "merge_mode": mode.value,
         }
+        # The object someone holds must show the result; nobody else needs one built,
+        # and only building one needs the row back.
+        held = self._tasks.get(task_id)
         operation = self._finish_op(
-            task_id, queries.complete_task(), params, enqueue=mode is MergeMode.WAKEUP
+            task_id,
+            queries.complete_task,
+            params,
+            returning=want_task and held is None,
+            enqueue=mode is MergeMode.WAKEUP,
         )
         row = await self._worker.acall(operation)
         if mode is MergeMode.WAKEUP:
             self.pending_signal.notify()
-        # The object someone holds must show the result; nobody else needs one built.
-        task = self._held_task(task_id, row) if want_task else self._tasks.get(task_id)
+        task = self._finished(task_id, held, row)
         if task is not None:
             task.complete(result)
             task.merge_mode = mode
@@ -234,8 +266,13 @@ class SqlStore:
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
         params = {"id": task_id, "error": error}
-        row = self._worker.call(self._finish_op(task_id, queries.fail_task(), params, False))
-        task = self._held_task(task_id, row)
+        held = self._tasks.get(task_id)
+        operation = self._finish_op(
+            task_id, queries.fail_task, params, returning=held is None, enqueue=False
+        )
+        row = self._worker.call(operation)
+        task = self._finished(task_id, held, row)
+        assert task is not None  # held, or built from the row
         task.fail(error)
         self._applied += 1
         return task
