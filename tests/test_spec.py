@@ -391,6 +391,28 @@ async def test_pending_queue_push_of_handler_queue(handler: BackgroundTaskHandle
     assert [(t.task_id, t.result) for t in drained] == [("a", "manual")]
 
 
+@pytest.mark.parametrize("how", ["drain_pending", "restore_pending"])
+async def test_a_task_pushed_twice_leaves_the_queue_when_drained(
+    handler: BackgroundTaskHandler, backend: str, how: str
+) -> None:
+    task = handler.submit("a", "main")
+    task.complete("manual")
+    handler.pending_queue.push(task)
+    handler.pending_queue.push(task)
+    # In memory the queue appends each push, like the reference; the durable queue
+    # holds a task once.
+    copies = 2 if backend == "memory" else 1
+    assert handler.pending_queue.size == copies
+    if how == "drain_pending":
+        drained = [t async for t in handler.drain_pending()]
+    else:
+        async with handler.restore_pending() as drained:
+            pass
+    assert [t.task_id for t in drained] == ["a"] * copies
+    assert handler.pending_queue.size == 0
+    assert [t async for t in handler.drain_pending()] == []
+
+
 # -- the spec's examples, verbatim in spirit -------------------------------------------
 
 

@@ -27,7 +27,9 @@ class MemoryStore:
         self.pending_signal = Signal()
         self._tasks: dict[str, BackgroundTask] = {}
         self._pending: deque[BackgroundTask] = deque()
-        self._claims: dict[int, str] = {}  # id(task) -> the drain holding it
+        self._claims: dict[BackgroundTask, str] = {}  # task (by identity) -> the drain holding it
+        #: Tasks pushed more than once: how many more copies their drain holds.
+        self._extra_copies: dict[BackgroundTask, int] = {}
         self._drains = itertools.count(1)
         self._closed = False
 
@@ -88,8 +90,8 @@ class MemoryStore:
             items = list(self._pending)
             self._pending.clear()
             return items
-        items = [task for task in self._pending if id(task) not in self._claims]
-        self._pending = deque(task for task in self._pending if id(task) in self._claims)
+        items = [task for task in self._pending if task not in self._claims]
+        self._pending = deque(task for task in self._pending if task in self._claims)
         return items
 
     def pending_count(self) -> int:
@@ -104,21 +106,33 @@ class MemoryStore:
         taken = [
             task
             for task in self._pending
-            if id(task) not in self._claims
+            if task not in self._claims
             and (parent_task_id is None or task.parent_task_id == parent_task_id)
         ]
         for task in taken:
-            self._claims[id(task)] = claimer
+            if task in self._claims:  # queued more than once
+                self._extra_copies[task] = self._extra_copies.get(task, 0) + 1
+            else:
+                self._claims[task] = claimer
         return taken
 
     def _remove(self, task: BackgroundTask, claimer: str) -> None:
-        if self._claims.get(id(task)) == claimer:
-            del self._claims[id(task)]
+        if self._claims.get(task) != claimer:
+            return
+        if self._pending[0] is task:  # the usual case: a drain takes the oldest first
+            self._pending.popleft()
+        else:
             self._pending.remove(task)
+        copies = self._extra_copies.pop(task, 0) if self._extra_copies else 0
+        if copies > 1:
+            self._extra_copies[task] = copies - 1
+        elif copies == 0:
+            del self._claims[task]
 
     def _release(self, claimer: str) -> None:
         for key in [key for key, holder in self._claims.items() if holder == claimer]:
             del self._claims[key]
+            self._extra_copies.pop(key, None)
 
     async def iter_pending(
         self, parent_task_id: str | None
@@ -140,8 +154,8 @@ class MemoryStore:
 
     async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         if merged:
-            for task in [t for t in self._pending if self._claims.get(id(t)) == claimer]:
-                self._remove(task, claimer)
+            for task in [t for t in self._pending if self._claims.get(t) == claimer]:
+                self._remove(task, claimer)  # each copy of a task pushed twice
         self._release(claimer)
 
     async def recover_orphans(
