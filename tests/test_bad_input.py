@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import pickle
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,12 @@ import pytest
 
 from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
 from orbiter._internal.state import RunNodeStatus
-from orbiter.errors import InvalidValueError
+from orbiter.errors import (
+    DuplicateTaskError,
+    InvalidValueError,
+    TaskAlreadyCompletedError,
+    TaskNotFoundError,
+)
 
 
 def table_counts(db_path: Path) -> tuple[int, int]:
@@ -21,7 +29,7 @@ def table_counts(db_path: Path) -> tuple[int, int]:
     return tasks, pending
 
 
-@pytest.mark.parametrize("bad_id", ["", 7, None, b"bytes", ["x"]])
+@pytest.mark.parametrize("bad_id", ["", 7, None, b"bytes", ["x"], "lone \udcff surrogate"])
 async def test_bad_task_ids(handler: BackgroundTaskHandler, bad_id: Any) -> None:
     with pytest.raises(BackgroundTaskError, match="task_id"):
         handler.submit(bad_id, "run")
@@ -144,3 +152,69 @@ def test_bad_constructor_options(db_path: Path, kwargs: dict[str, Any], match: s
 def test_bad_database_arguments(database: Any) -> None:
     with pytest.raises(BackgroundTaskError):
         BackgroundTaskHandler(database=database)
+
+
+async def test_strings_with_lone_surrogates_round_trip_in_values(db_path: Path) -> None:
+    # A str holding a lone surrogate (what os.fsdecode makes of a non-UTF-8 file name)
+    # is a JSON value: it is stored as a \udcff escape and comes back equal.
+    payload = {"file": "report-\udcff.txt", "ok": "naïve ✓"}
+    result = ["\ud800", {"k": "\udfff"}]
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("t", "run", payload=payload)
+        await handler.handle_result("t", result, is_main_running=False)
+    with BackgroundTaskHandler(database=db_path) as reopened:
+        task = reopened.get_task("t")
+        assert task is not None
+        assert (task.payload, task.result) == (payload, result)
+        assert [t.result async for t in reopened.drain_pending()] == [result]
+    with sqlite3.connect(db_path) as connection:  # still JSON that SQLite reads
+        row = connection.execute(
+            "SELECT json_extract(payload, '$.ok'), json_valid(result) FROM background_tasks"
+        ).fetchone()
+    assert row == ("naïve ✓", 1)
+
+
+def test_an_error_text_with_a_lone_surrogate_is_recorded_escaped(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("t", "run")
+        handler.handle_error("t", "cannot open report-\udcff.txt")
+        task = handler.get_task("t")
+        assert task is not None and task.status is RunNodeStatus.FAILED
+        assert task.error == "cannot open report-\\udcff.txt"
+    with sqlite3.connect(db_path) as connection:
+        stored = connection.execute("SELECT error FROM background_tasks").fetchone()
+    assert stored == ("cannot open report-\\udcff.txt",)
+
+
+def test_a_codec_returning_text_utf8_cannot_hold_is_refused_before_writing(
+    db_path: Path,
+) -> None:
+    class SloppyCodec:
+        def dumps(self, value: object) -> str:
+            return '"\udcff"'
+
+        def loads(self, text: str) -> object:
+            return json.loads(text)
+
+    with (
+        BackgroundTaskHandler(database=db_path, codec=SloppyCodec()) as handler,
+        pytest.raises(InvalidValueError, match="cannot store payload"),
+    ):
+        handler.submit("t", "run", payload="x")
+    assert table_counts(db_path) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DuplicateTaskError("a"),
+        TaskNotFoundError("a"),
+        TaskAlreadyCompletedError("a", "success"),
+        InvalidValueError("bad"),
+    ],
+)
+def test_errors_survive_pickling_and_copying(error: BackgroundTaskError) -> None:
+    for clone in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(clone) is type(error)
+        assert str(clone) == str(error)
+        assert vars(clone) == vars(error)

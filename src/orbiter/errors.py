@@ -33,6 +33,9 @@ class DuplicateTaskError(BackgroundTaskError):
         super().__init__(f"Background task '{task_id}' already exists")
         self.task_id = task_id
 
+    def __reduce__(self) -> tuple[type[DuplicateTaskError], tuple[str]]:
+        return type(self), (self.task_id,)  # pickles and copies rebuild it from its id
+
 
 class TaskNotFoundError(BackgroundTaskError):
     """No task with this id exists."""
@@ -40,6 +43,9 @@ class TaskNotFoundError(BackgroundTaskError):
     def __init__(self, task_id: str) -> None:
         super().__init__(f"Background task '{task_id}' not found")
         self.task_id = task_id
+
+    def __reduce__(self) -> tuple[type[TaskNotFoundError], tuple[str]]:
+        return type(self), (self.task_id,)
 
 
 class TaskAlreadyCompletedError(BackgroundTaskError):
@@ -52,6 +58,9 @@ class TaskAlreadyCompletedError(BackgroundTaskError):
         )
         self.task_id = task_id
         self.status = status
+
+    def __reduce__(self) -> tuple[type[TaskAlreadyCompletedError], tuple[str, str]]:
+        return type(self), (self.task_id, self.status)
 
 
 class InvalidValueError(BackgroundTaskError, TypeError, ValueError):

@@ -25,7 +25,7 @@ from orbiter._internal.state import RunNode, RunNodeStatus, RunState
 from orbiter._internal.task import BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
 from orbiter.store import TaskStore
-from orbiter.store.codec import Codec, JsonCodec
+from orbiter.store.codec import Codec, JsonCodec, is_unicode_text
 from orbiter.store.engine import Synchronous, resolve_database
 from orbiter.store.memory import MemoryStore
 from orbiter.store.sql_store import SqlStore
@@ -62,6 +62,8 @@ def _check_id(value: object, name: str) -> str:
         raise InvalidValueError(f"{name} must be a str, not {type(value).__name__}")
     if not value:
         raise InvalidValueError(f"{name} must not be empty")
+    if not value.isascii() and not is_unicode_text(value):
+        raise InvalidValueError(f"{name} {value!r} is not valid Unicode text (a lone surrogate)")
     return value
 
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from orbiter.errors import InvalidValueError
 
-__all__ = ["Codec", "JsonCodec", "utc_now_text"]
+__all__ = ["Codec", "JsonCodec", "is_unicode_text", "utc_now_text"]
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -64,6 +64,18 @@ def _check_keys(value: Any) -> None:
 
 #: One encoder for every call (``json.dumps`` with options builds a new one each time).
 _ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+#: For the rare str holding a lone surrogate (text decoded with ``surrogateescape``, say):
+#: UTF-8 cannot hold it, a ``\udcff`` escape can, and it decodes back to the same str.
+_ASCII_ENCODER = json.JSONEncoder(ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+
+
+def is_unicode_text(text: str) -> bool:
+    """Whether ``text`` can be stored as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class JsonCodec:
@@ -74,6 +86,8 @@ class JsonCodec:
         text = _ENCODER.encode(value)
         if isinstance(value, _CONTAINERS):
             _check_keys(value)
+        if not text.isascii() and not is_unicode_text(text):
+            text = _ASCII_ENCODER.encode(value)
         return text
 
     def loads(self, text: str) -> Any:
@@ -89,7 +103,13 @@ def encode_value(codec: Codec, value: Any, what: str, max_bytes: int) -> str:
         raise InvalidValueError(f"cannot store {what}: {exc}") from exc
     if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise InvalidValueError(f"codec.dumps returned {type(text).__name__}, expected str")
-    size = len(text.encode("utf-8")) if len(text) * 4 > max_bytes else len(text)
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidValueError(f"cannot store {what}: codec.dumps returned {exc}") from exc
     if size > max_bytes:
         raise InvalidValueError(
             f"cannot store {what}: {size} bytes of JSON exceeds max_value_bytes={max_bytes}"

@@ -37,7 +37,13 @@ from orbiter.errors import (
 )
 from orbiter.migrate import ensure_schema
 from orbiter.store import queries
-from orbiter.store.codec import TIMESTAMP_FORMAT, Codec, encode_value, utc_now_text
+from orbiter.store.codec import (
+    TIMESTAMP_FORMAT,
+    Codec,
+    encode_value,
+    is_unicode_text,
+    utc_now_text,
+)
 from orbiter.store.engine import (
     DatabaseTarget,
     Synchronous,
@@ -270,6 +276,10 @@ class SqlStore:
         return task
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
+        if not error.isascii() and not is_unicode_text(error):
+            # Record the failure anyway: a lone surrogate (from a file name decoded with
+            # surrogateescape, say) is stored as its backslash escape.
+            error = error.encode("utf-8", "backslashreplace").decode("utf-8")
         params = {"id": task_id, "error": error}
         held = self._tasks.get(task_id)
         operation = self._finish_op(
