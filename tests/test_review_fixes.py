@@ -134,18 +134,82 @@ def test_a_dropped_handler_closes_itself(db_path: Path) -> None:
 
 
 async def test_wait_does_not_count_items_another_drain_holds(
-    durable: BackgroundTaskHandler,
+    handler: BackgroundTaskHandler,
 ) -> None:
-    durable.submit("a", "run")
-    await durable.handle_result("a", 1, is_main_running=False)
-    drain = durable.drain_pending()
+    handler.submit("a", "run")
+    await handler.handle_result("a", 1, is_main_running=False)
+    drain = handler.drain_pending()
     assert (await drain.__anext__()).task_id == "a"  # held by a live drain
     started = time.monotonic()
-    assert await durable.pending_queue.wait(timeout=0.3) is False
+    assert await handler.pending_queue.wait(timeout=0.3) is False
     assert time.monotonic() - started >= 0.25
-    assert durable.pending_queue.size == 1
+    assert handler.pending_queue.size == 1
+    assert not handler.pending_queue.empty
     await drain.aclose()  # type: ignore[attr-defined]  # drain_pending is an async generator
-    assert await durable.pending_queue.wait(timeout=0.3) is True
+    assert await handler.pending_queue.wait(timeout=0.3) is True
+
+
+async def test_a_drain_stopped_early_gives_items_back_in_enqueue_order(
+    handler: BackgroundTaskHandler,
+) -> None:
+    for task_id, run in [("a1", "A"), ("b1", "B"), ("a2", "A"), ("b2", "B"), ("a3", "A")]:
+        handler.submit(task_id, run)
+        await handler.handle_result(task_id, task_id, is_main_running=False)
+    drain = handler.drain_pending("A")
+    assert (await drain.__anext__()).task_id == "a1"
+    assert (await drain.__anext__()).task_id == "a2"  # holding a2: a1 has left the queue
+    assert handler.pending_queue.size == 4
+    await drain.aclose()  # type: ignore[attr-defined]  # drain_pending is an async generator
+    assert [t.task_id async for t in handler.drain_pending()] == ["b1", "a2", "b2", "a3"]
+
+
+def test_the_in_memory_queue_is_thread_safe() -> None:
+    # The spec calls PendingQueue thread-safe: pushes and pop_all from other threads
+    # while a drain runs must neither fail nor lose or duplicate an item.
+    handler = BackgroundTaskHandler()
+    count = 20_000
+    for index in range(count):
+        handler.pending_queue.push(_done(f"q{index}"))
+    popped: list[str] = []
+    pushed = [f"q{index}" for index in range(count)]
+    stop = threading.Event()
+
+    def other_thread() -> None:
+        index = 0
+        while not stop.is_set():
+            handler.pending_queue.push(_done(f"p{index}"))
+            pushed.append(f"p{index}")
+            index += 1
+            if index % 50 == 0:
+                popped.extend(t.task_id for t in handler.pending_queue.pop_all())
+
+    thread = threading.Thread(target=other_thread)
+
+    async def drain_all() -> list[str]:
+        drained = []
+        async for task in handler.drain_pending():
+            drained.append(task.task_id)
+            if not thread.is_alive() and not stop.is_set():
+                thread.start()  # the drain holds the first items: now push and pop
+        return drained
+
+    try:
+        drained = asyncio.run(drain_all())
+    finally:
+        stop.set()
+        thread.join()
+    rest = [t.task_id for t in handler.pending_queue.pop_all()]
+    everything = drained + popped + rest
+    assert len(everything) == len(set(everything))  # nothing twice
+    assert set(everything) == set(pushed)  # nothing lost
+    assert drained[:count] == pushed[:count]  # queued before the drain: all drained, in order
+    assert len(pushed) > count  # the other thread did run during the drain
+
+
+def _done(task_id: str) -> BackgroundTask:
+    task = BackgroundTask(task_id, "run")
+    task.complete(task_id)
+    return task
 
 
 def test_migrate_upgrade_creates_a_private_file_and_refuses_bad_ones(tmp_path: Path) -> None:
@@ -222,3 +286,26 @@ def test_a_read_racing_a_completion_never_rolls_a_held_task_back(db_path: Path, 
         assert task.result == {"done": 1}
         assert handler.get_task("t") is task  # a fresh read agrees
         assert task.status is RunNodeStatus.SUCCESS
+
+
+def test_a_task_the_caller_finished_itself_is_not_rolled_back_by_a_read(
+    handler: BackgroundTaskHandler,
+) -> None:
+    task = handler.submit("a", "run")
+    task.complete("manual")  # on the object only; push() would store it
+    assert handler.get_task("a") is task
+    assert (task.status, task.result) == (RunNodeStatus.SUCCESS, "manual")
+    for status in RunNodeStatus:
+        assert all(t.status is status for t in handler.list_tasks(status=status))
+
+
+def test_pushing_another_object_with_a_known_id_keeps_the_handed_out_one(
+    handler: BackgroundTaskHandler,
+) -> None:
+    original = handler.submit("x", "run", payload={"p": 1})
+    other = BackgroundTask("x", "other-run", payload={"p": 2})
+    other.complete("r")
+    handler.pending_queue.push(other)
+    got = handler.get_task("x")
+    assert got is original
+    assert (got.parent_task_id, got.payload) == ("run", {"p": 1})

@@ -1,8 +1,14 @@
-"""The in-memory store: the reference behaviour, for ``database=None``. Nothing is durable."""
+"""The in-memory store: the reference behaviour, for ``database=None``. Nothing is durable.
+
+Like the reference's ``PendingQueue``, it is thread-safe: one lock guards the task table,
+the queue and the drains' claims (it is never held across an ``await``).
+"""
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 from collections import deque
 from collections.abc import AsyncGenerator, Collection
 from typing import Any
@@ -19,6 +25,13 @@ from orbiter.errors import (
 
 __all__ = ["MemoryStore"]
 
+#: A queued item: its place in enqueue order, and the task.
+_Entry = tuple[int, BackgroundTask]
+
+
+def _order_of(entry: _Entry) -> int:
+    return entry[0]
+
 
 class MemoryStore:
     """Tasks in a dict, the pending queue in a deque; values are kept as given."""
@@ -26,12 +39,13 @@ class MemoryStore:
     def __init__(self) -> None:
         self.pending_signal = Signal()
         self._tasks: dict[str, BackgroundTask] = {}
-        self._pending: deque[BackgroundTask] = deque()
-        self._claims: dict[BackgroundTask, str] = {}  # task (by identity) -> the drain holding it
-        #: Tasks pushed more than once: how many more copies their drain holds.
-        self._extra_copies: dict[BackgroundTask, int] = {}
+        #: Free items in enqueue order; a drain moves what it claims to ``_held``.
+        self._pending: deque[_Entry] = deque()
+        self._held: dict[str, deque[_Entry]] = {}  # claimer -> the items it still holds
+        self._order = itertools.count()  # enqueue order, kept when items are given back
         self._drains = itertools.count(1)
         self._closed = False
+        self._lock = threading.Lock()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -48,24 +62,28 @@ class MemoryStore:
 
     def add(self, task: BackgroundTask) -> None:
         self._check_open()
-        if task.task_id in self._tasks:
-            raise DuplicateTaskError(task.task_id)
-        self._tasks[task.task_id] = task
+        with self._lock:
+            if task.task_id in self._tasks:
+                raise DuplicateTaskError(task.task_id)
+            self._tasks[task.task_id] = task
 
     async def complete(
         self, task_id: str, result: Any, mode: MergeMode, *, want_task: bool = True
     ) -> BackgroundTask:
-        task = self._running_task(task_id)
-        task.complete(result)
-        task.merge_mode = mode
+        with self._lock:
+            task = self._running_task(task_id)
+            task.complete(result)
+            task.merge_mode = mode
+            if mode is MergeMode.WAKEUP:
+                self._pending.append((next(self._order), task))
         if mode is MergeMode.WAKEUP:
-            self._pending.append(task)
             self.pending_signal.notify()
         return task
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
-        task = self._running_task(task_id)
-        task.fail(error)
+        with self._lock:
+            task = self._running_task(task_id)
+            task.fail(error)
         return task
 
     def get(self, task_id: str) -> BackgroundTask | None:
@@ -74,89 +92,83 @@ class MemoryStore:
 
     def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
         self._check_open()
+        with self._lock:
+            tasks = list(self._tasks.values())
         if status is None:
-            return list(self._tasks.values())
-        return [task for task in self._tasks.values() if task.status == status]
+            return tasks
+        return [task for task in tasks if task.status == status]
 
     def push_pending(self, task: BackgroundTask) -> None:
         self._check_open()
-        self._tasks.setdefault(task.task_id, task)
-        self._pending.append(task)
+        with self._lock:
+            self._tasks.setdefault(task.task_id, task)
+            self._pending.append((next(self._order), task))
         self.pending_signal.notify()
 
     def pop_all_pending(self) -> list[BackgroundTask]:
         self._check_open()
-        if not self._claims:
-            items = list(self._pending)
+        with self._lock:
+            items = [task for _, task in self._pending]
             self._pending.clear()
-            return items
-        items = [task for task in self._pending if task not in self._claims]
-        self._pending = deque(task for task in self._pending if task in self._claims)
         return items
 
     def pending_count(self) -> int:
         self._check_open()
-        return len(self._pending)
+        return len(self._pending) + sum(map(len, list(self._held.values())))
 
     def has_pending(self) -> bool:
-        self._check_open()
-        return bool(self._pending)
+        return self.pending_count() > 0
 
-    def _claim(self, parent_task_id: str | None, claimer: str) -> list[BackgroundTask]:
-        taken = [
-            task
-            for task in self._pending
-            if task not in self._claims
-            and (parent_task_id is None or task.parent_task_id == parent_task_id)
-        ]
-        for task in taken:
-            if task in self._claims:  # queued more than once
-                self._extra_copies[task] = self._extra_copies.get(task, 0) + 1
+    def _claim(self, parent_task_id: str | None, claimer: str) -> deque[_Entry]:
+        """Move the free items (of one parent) out of the queue into ``claimer``'s hands."""
+        with self._lock:
+            if parent_task_id is None:
+                taken = self._pending.copy()
+                self._pending.clear()
             else:
-                self._claims[task] = claimer
-        return taken
-
-    def _remove(self, task: BackgroundTask, claimer: str) -> None:
-        if self._claims.get(task) != claimer:
-            return
-        if self._pending[0] is task:  # the usual case: a drain takes the oldest first
-            self._pending.popleft()
-        else:
-            self._pending.remove(task)
-        copies = self._extra_copies.pop(task, 0) if self._extra_copies else 0
-        if copies > 1:
-            self._extra_copies[task] = copies - 1
-        elif copies == 0:
-            del self._claims[task]
+                taken = deque(e for e in self._pending if e[1].parent_task_id == parent_task_id)
+                rest = [e for e in self._pending if e[1].parent_task_id != parent_task_id]
+                self._pending.clear()
+                self._pending.extend(rest)
+            self._held[claimer] = taken
+            return taken
 
     def _release(self, claimer: str) -> None:
-        for key in [key for key, holder in self._claims.items() if holder == claimer]:
-            del self._claims[key]
-            self._extra_copies.pop(key, None)
+        """Give back what ``claimer`` still holds, each item in its enqueue place."""
+        with self._lock:
+            held = self._held.pop(claimer, None)
+            if not held:
+                return
+            merged = sorted([*held, *self._pending], key=_order_of)
+            self._pending.clear()
+            self._pending.extend(merged)
+        self.pending_signal.notify()  # items are free again: wake waiters
 
     async def iter_pending(
         self, parent_task_id: str | None
     ) -> AsyncGenerator[BackgroundTask, None]:
         self._check_open()
         claimer = f"drain/{next(self._drains)}"
+        held = self._claim(parent_task_id, claimer)
         try:
-            for task in self._claim(parent_task_id, claimer):
-                yield task
+            while held:
+                yield held[0][1]
                 # The consumer asked for the next item: the one it held is merged.
-                self._remove(task, claimer)
+                held.popleft()
         finally:
             self._release(claimer)
 
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         self._check_open()
         claimer = f"batch/{next(self._drains)}"
-        return claimer, self._claim(parent_task_id, claimer)
+        return claimer, [task for _, task in self._claim(parent_task_id, claimer)]
 
     async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         if merged:
-            for task in [t for t in self._pending if self._claims.get(t) == claimer]:
-                self._remove(task, claimer)  # each copy of a task pushed twice
-        self._release(claimer)
+            with self._lock:
+                self._held.pop(claimer, None)
+        else:
+            self._release(claimer)
 
     async def recover_orphans(
         self, action: str, protect: Collection[str] = ()
@@ -165,11 +177,16 @@ class MemoryStore:
         return []  # every task lives in this process: none can be orphaned
 
     async def wait_pending(self, timeout: float | None) -> bool:
+        """Wait for an item no drain holds (as the durable store does)."""
         self._check_open()
-        seen = self.pending_signal.version
-        if self._pending:
-            return True
-        return await self.pending_signal.wait_for_change(seen, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            seen = self.pending_signal.version
+            if self._pending:  # an item no drain holds
+                return True
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not await self.pending_signal.wait_for_change(seen, remaining):
+                return False
 
     def close(self) -> None:
         self._closed = True

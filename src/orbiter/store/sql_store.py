@@ -69,6 +69,8 @@ DRAIN_BATCH = 100
 #: acknowledgement. (A claim is visible to other processes as soon as it commits.)
 CLAIMS_ARE_RELAXED = True
 
+_ACTIVE = frozenset(RunNodeStatus(status) for status in queries.ACTIVE_STATUSES)
+
 #: A task row as the queries return it (see ``queries.TASK_COLUMNS``).
 TaskRow = Sequence[Any]
 
@@ -115,9 +117,6 @@ class SqlStore:
         self._tasks: weakref.WeakValueDictionary[str, BackgroundTask] = (
             weakref.WeakValueDictionary()
         )
-        #: Completions this handler has applied to its task objects so far: a read that
-        #: sees it move knows its rows may be older than an object it would update.
-        self._applied = 0
         if target.path is not None and not check_sqlite_file(target.path):
             create_private_file(target.path)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
@@ -151,21 +150,18 @@ class SqlStore:
 
     # -- rows to tasks -------------------------------------------------------------
 
-    def _task_from_row(self, row: TaskRow, applied_before: int | None = None) -> BackgroundTask:
+    def _task_from_row(self, row: TaskRow) -> BackgroundTask:
         """The task object for ``row``: the one this handler holds, brought up to date, or
-        a new one. ``applied_before`` is ``_applied`` as it was before the read: if this
-        handler completed a task since, a still-active row is older than its object."""
+        a new one. A held object that has finished is never moved back to active: a task
+        finishes once, so such a row was read before the object finished (on another
+        thread, say) or the caller finished the object itself (``push`` stores that)."""
         task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
         task = self._tasks.get(task_id)
-        if task is not None and task.status == status:
-            return task  # this handler made the change; the object is up to date
-        if (
-            task is not None
-            and applied_before is not None
-            and applied_before != self._applied
-            and status in queries.ACTIVE_STATUSES
+        if task is not None and (
+            task.status == status
+            or (task.status not in _ACTIVE and status in queries.ACTIVE_STATUSES)
         ):
-            return task  # completed on another thread after this row was read
+            return task
         if task is None:
             task = self._held_task(task_id, (parent_task_id, payload))
         task.status = RunNodeStatus(status)
@@ -272,7 +268,6 @@ class SqlStore:
         if task is not None:
             task.complete(result)
             task.merge_mode = mode
-            self._applied += 1
         return task
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
@@ -289,23 +284,22 @@ class SqlStore:
         task = self._finished(task_id, held, row)
         assert task is not None  # held, or built from the row
         task.fail(error)
-        self._applied += 1
         return task
 
     def get(self, task_id: str) -> BackgroundTask | None:
-        applied = self._applied
         row = self._worker.call(
             lambda db: db.first(queries.select_task(), {"id": task_id}),
             writes=False,
         )
-        return None if row is None else self._task_from_row(row, applied)
+        return None if row is None else self._task_from_row(row)
 
     def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
         statement = queries.select_tasks(status is not None)
         params = {} if status is None else {"status": status.value}
-        applied = self._applied
         rows = self._worker.call(lambda db: db.all(statement, params), writes=False)
-        return [self._task_from_row(row, applied) for row in rows]
+        tasks = [self._task_from_row(row) for row in rows]
+        # A held object the caller finished itself is listed under the status it shows.
+        return tasks if status is None else [task for task in tasks if task.status is status]
 
     def push_pending(self, task: BackgroundTask) -> None:
         params = {
@@ -325,7 +319,8 @@ class SqlStore:
             db.execute(queries.enqueue(), {"task_id": params["task_id"], "now": db.now})
 
         self._worker.call(push)
-        self._tasks[task.task_id] = task
+        # The object submit/get_task handed out stays the one this handler updates.
+        self._tasks.setdefault(task.task_id, task)
         self.pending_signal.notify()
 
     def pop_all_pending(self) -> list[BackgroundTask]:
