@@ -318,8 +318,8 @@ class BackgroundTaskHandler:
         mode = MergeMode.HOT if is_main_running else MergeMode.WAKEUP
         merge_now = mode is MergeMode.HOT and bool(self._merge_callbacks)
         task = await self._store.complete(task_id, result, mode, want_task=merge_now)
-        logger.debug("background task %r completed: %s merge", task_id, mode.value)
-        if node := self._node(task_id):
+        logger.debug("background task %r completed: %s merge", task_id, mode)
+        if self._state is not None and (node := self._node(task_id)):
             node.succeed()
         if merge_now:
             assert task is not None

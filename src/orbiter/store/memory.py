@@ -10,7 +10,8 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncGenerator, Collection, Iterable, Iterator
+from operator import itemgetter
 from typing import Any
 
 from orbiter._internal.signal import Signal
@@ -25,12 +26,24 @@ from orbiter.errors import (
 
 __all__ = ["MemoryStore"]
 
-#: A queued item: its place in enqueue order, and the task.
-_Entry = tuple[int, BackgroundTask]
 
+class _Queue:
+    """Queued tasks, and beside them each one's place in enqueue order (kept so items a
+    drain gives back return to their places). Two deques rather than one of (place,
+    task) pairs: a pair is an object the garbage collector walks, and a long queue of
+    them made every collection, and so every call, slower."""
 
-def _order_of(entry: _Entry) -> int:
-    return entry[0]
+    __slots__ = ("places", "tasks")
+
+    def __init__(self, entries: Iterable[tuple[int, BackgroundTask]] = ()) -> None:
+        self.places: deque[int] = deque()
+        self.tasks: deque[BackgroundTask] = deque()
+        for place, task in entries:
+            self.places.append(place)
+            self.tasks.append(task)
+
+    def entries(self) -> Iterator[tuple[int, BackgroundTask]]:
+        return zip(self.places, self.tasks, strict=True)
 
 
 class MemoryStore:
@@ -40,9 +53,9 @@ class MemoryStore:
         self.pending_signal = Signal()
         self._tasks: dict[str, BackgroundTask] = {}
         #: Free items in enqueue order; a drain moves what it claims to ``_held``.
-        self._pending: deque[_Entry] = deque()
-        self._held: dict[str, deque[_Entry]] = {}  # claimer -> the items it still holds
-        self._order = itertools.count()  # enqueue order, kept when items are given back
+        self._pending = _Queue()
+        self._held: dict[str, _Queue] = {}  # claimer -> the items it still holds
+        self._places = itertools.count()
         self._drains = itertools.count(1)
         self._closed = False
         self._lock = threading.Lock()
@@ -52,7 +65,8 @@ class MemoryStore:
             raise HandlerClosedError("the handler is closed")
 
     def _running_task(self, task_id: str) -> BackgroundTask:
-        self._check_open()
+        if self._closed:
+            raise HandlerClosedError("the handler is closed")
         task = self._tasks.get(task_id)
         if task is None:
             raise TaskNotFoundError(task_id)
@@ -62,20 +76,23 @@ class MemoryStore:
 
     def add(self, task: BackgroundTask) -> None:
         self._check_open()
-        with self._lock:
-            if task.task_id in self._tasks:
-                raise DuplicateTaskError(task.task_id)
-            self._tasks[task.task_id] = task
+        # setdefault checks and inserts in one step: no lock needed.
+        if self._tasks.setdefault(task.task_id, task) is not task:
+            raise DuplicateTaskError(task.task_id)
 
     async def complete(
         self, task_id: str, result: Any, mode: MergeMode, *, want_task: bool = True
     ) -> BackgroundTask:
-        with self._lock:
+        self._lock.acquire()  # once per call: acquire/release costs half of ``with``
+        try:
             task = self._running_task(task_id)
             task.complete(result)
             task.merge_mode = mode
             if mode is MergeMode.WAKEUP:
-                self._pending.append((next(self._order), task))
+                self._pending.places.append(next(self._places))
+                self._pending.tasks.append(task)
+        finally:
+            self._lock.release()
         if mode is MergeMode.WAKEUP:
             self.pending_signal.notify()
         return task
@@ -102,34 +119,38 @@ class MemoryStore:
         self._check_open()
         with self._lock:
             self._tasks.setdefault(task.task_id, task)
-            self._pending.append((next(self._order), task))
+            self._enqueue(task)
         self.pending_signal.notify()
 
     def pop_all_pending(self) -> list[BackgroundTask]:
         self._check_open()
         with self._lock:
-            items = [task for _, task in self._pending]
-            self._pending.clear()
+            items = list(self._pending.tasks)
+            self._pending = _Queue()
         return items
 
     def pending_count(self) -> int:
         self._check_open()
-        return len(self._pending) + sum(map(len, list(self._held.values())))
+        held = [queue.tasks for queue in list(self._held.values())]
+        return len(self._pending.tasks) + sum(map(len, held))
 
     def has_pending(self) -> bool:
         return self.pending_count() > 0
 
-    def _claim(self, parent_task_id: str | None, claimer: str) -> deque[_Entry]:
+    def _enqueue(self, task: BackgroundTask) -> None:
+        """Append ``task`` to the free items (called holding the lock)."""
+        self._pending.places.append(next(self._places))
+        self._pending.tasks.append(task)
+
+    def _claim(self, parent_task_id: str | None, claimer: str) -> _Queue:
         """Move the free items (of one parent) out of the queue into ``claimer``'s hands."""
         with self._lock:
             if parent_task_id is None:
-                taken = self._pending.copy()
-                self._pending.clear()
+                taken, self._pending = self._pending, _Queue()
             else:
-                taken = deque(e for e in self._pending if e[1].parent_task_id == parent_task_id)
-                rest = [e for e in self._pending if e[1].parent_task_id != parent_task_id]
-                self._pending.clear()
-                self._pending.extend(rest)
+                entries = list(self._pending.entries())
+                taken = _Queue(e for e in entries if e[1].parent_task_id == parent_task_id)
+                self._pending = _Queue(e for e in entries if e[1].parent_task_id != parent_task_id)
             self._held[claimer] = taken
             return taken
 
@@ -137,11 +158,10 @@ class MemoryStore:
         """Give back what ``claimer`` still holds, each item in its enqueue place."""
         with self._lock:
             held = self._held.pop(claimer, None)
-            if not held:
+            if held is None or not held.tasks:
                 return
-            merged = sorted([*held, *self._pending], key=_order_of)
-            self._pending.clear()
-            self._pending.extend(merged)
+            both = [*held.entries(), *self._pending.entries()]
+            self._pending = _Queue(sorted(both, key=itemgetter(0)))
         self.pending_signal.notify()  # items are free again: wake waiters
 
     async def iter_pending(
@@ -150,18 +170,20 @@ class MemoryStore:
         self._check_open()
         claimer = f"drain/{next(self._drains)}"
         held = self._claim(parent_task_id, claimer)
+        places, tasks = held.places, held.tasks
         try:
-            while held:
-                yield held[0][1]
+            while tasks:
+                yield tasks[0]
                 # The consumer asked for the next item: the one it held is merged.
-                held.popleft()
+                tasks.popleft()
+                places.popleft()
         finally:
             self._release(claimer)
 
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         self._check_open()
         claimer = f"batch/{next(self._drains)}"
-        return claimer, [task for _, task in self._claim(parent_task_id, claimer)]
+        return claimer, list(self._claim(parent_task_id, claimer).tasks)
 
     async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         if merged:
@@ -182,7 +204,7 @@ class MemoryStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seen = self.pending_signal.version
-            if self._pending:  # an item no drain holds
+            if self._pending.tasks:  # an item no drain holds
                 return True
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not await self.pending_signal.wait_for_change(seen, remaining):
