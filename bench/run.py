@@ -427,6 +427,7 @@ def main(argv: list[str]) -> int:
         ensure_venv()
         python = str(_venv_python())
         os.execv(python, [python, str(Path(__file__).resolve()), *argv])  # noqa: S606
+    import plot
     import report
 
     cases = plan(cfg)
@@ -452,6 +453,8 @@ def main(argv: list[str]) -> int:
     report.write(results, output)
     report.print_tables(results)
     log(f"raw results: {output}\nmarkdown table: {output.with_suffix('.md')}")
+    if plot.write_png(results, output.with_suffix(".png")):
+        log(f"plot: {output.with_suffix('.png')}")
     failed = [r for r in records if not r.get("ok") and not r.get("skipped")]
     return 1 if failed else 0
 
