@@ -235,6 +235,21 @@ def test_items_held_by_a_killed_drainer_are_drainable_at_once(db_path: Path) -> 
     assert json.loads(run_helper("child.py", "drain_all", str(db_path))) == ids[2:]
 
 
+def test_wait_sees_items_a_killed_drainer_held(db_path: Path) -> None:
+    ids = asyncio.run(_queue_in_new_handler(db_path, 3))
+    drainer = start_child("drain_hold", str(db_path), "0")
+    read_until(drainer, f"holding {ids[0]}")  # it claimed all three and holds the first
+
+    async def wait_then_drain() -> tuple[bool, bool, list[str]]:
+        async with BackgroundTaskHandler(database=db_path) as handler:
+            held = await handler.pending_queue.wait(timeout=0.3)
+            kill(drainer)
+            freed = await handler.pending_queue.wait(timeout=5)
+            return held, freed, [t.task_id async for t in handler.drain_pending()]
+
+    assert asyncio.run(wait_then_drain()) == (False, True, ids)
+
+
 async def test_drain_one_run_only(durable: BackgroundTaskHandler) -> None:
     x_ids = await queue_results(durable, "X", 3)
     y_ids = await queue_results(durable, "Y", 2)

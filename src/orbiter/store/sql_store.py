@@ -439,17 +439,28 @@ class SqlStore:
         return db.all(queries.claimed_items(), {"claimer": claimer})
 
     def _release_dead_claims(self, db: Db, now: str) -> None:
+        for claimer, reason in self._gone_claimers(db, now):
+            logger.warning("released pending items held by a gone drain (%s)", reason)
+            db.execute(queries.release_claims(), {"claimer": claimer})
+
+    def _gone_claimers(self, db: Db, now: str) -> list[tuple[str, str]]:
+        """Drains of other handlers that hold items and are provably gone, with why."""
         held = [row[0] for row in db.all(queries.claimers())]
         others = [c for c in held if not c.startswith(self.identity.owner_id + "/")]
         if not others:
-            return
+            return []
         owners_by_id = self._owner_rows(db)
+        gone = []
         for claimer in others:
             owner_row = owners_by_id.get(claimer.split("/", 1)[0])
             reason = owner_gone_reason(owner_row, self.identity, now)
             if reason is not None:
-                logger.warning("released pending items held by a gone drain (%s)", reason)
-                db.execute(queries.release_claims(), {"claimer": claimer})
+                gone.append((claimer, reason))
+        return gone
+
+    def _free_pending_now(self, db: Db) -> bool:
+        """Whether an item is free to drain, counting those a gone drain still holds."""
+        return _any_free_pending(db) or bool(self._gone_claimers(db, utc_now_text()))
 
     @staticmethod
     def _acknowledge(claimer: str, seq: int, db: Db) -> None:
@@ -527,7 +538,8 @@ class SqlStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seen = self.pending_signal.version
-            found = await self._worker.acall(_any_free_pending, writes=False)
+            # Items a killed drain held are free too: the next drain takes them back.
+            found = await self._worker.acall(self._free_pending_now, writes=False)
             if found:
                 return True
             step = self._poll_interval
