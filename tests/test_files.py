@@ -61,6 +61,23 @@ def test_corrupt_file(db_path: Path) -> None:
     assert digest(db_path) == before
 
 
+@pytest.mark.parametrize("where", [0.5, 0.9])
+def test_a_file_damaged_beyond_its_schema_page_is_refused_at_open(
+    db_path: Path, where: float
+) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        for index in range(300):
+            handler.submit(f"t{index}", "run", payload={"n": index, "text": "x" * 100})
+    data = bytearray(db_path.read_bytes())
+    at = int(len(data) * where) // 4096 * 4096
+    data[at : at + 8192] = b"\xff" * 8192  # two pages of a task table or index: garbage
+    db_path.write_bytes(bytes(data))
+    before = digest(db_path)
+    with pytest.raises(DatabaseError, match="corrupt|malformed"):
+        BackgroundTaskHandler(database=db_path)
+    assert digest(db_path) == before  # refused before anything was written
+
+
 def test_read_only_file(db_path: Path) -> None:
     BackgroundTaskHandler(database=db_path).close()
     db_path.chmod(0o400)

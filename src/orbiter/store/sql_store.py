@@ -48,6 +48,7 @@ from orbiter.store.engine import (
     DatabaseTarget,
     Synchronous,
     check_sqlite_file,
+    check_structure,
     create_private_file,
     create_sync_engine,
 )
@@ -122,6 +123,8 @@ class SqlStore:
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
         try:
             with engine.connect() as connection:
+                if target.path is not None:
+                    check_structure(connection, target.path, self._where)
                 ensure_schema(connection, self._where, auto_migrate=auto_migrate)
         except Exception as exc:
             engine.dispose()
