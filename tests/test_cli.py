@@ -386,6 +386,16 @@ def test_pending(db: Path) -> None:
     assert "a2" in ok("pending", "--db", db)
 
 
+def test_a_file_name_that_is_not_utf8(db: Path) -> None:
+    # What os.fsdecode makes of a byte 0xFF in a file name: a lone surrogate.
+    odd = db.with_name(os.fsdecode(b"tasks-\xff.db"))
+    for suffix in ("", "-wal", "-shm"):
+        if (source := db.with_name(db.name + suffix)).exists():
+            source.rename(odd.with_name(odd.name + suffix))
+    assert ok_json("stats", "--db", odd)["total"] == len(TASKS)
+    assert ok_json("tasks", "--db", odd)["total"] == len(TASKS)
+
+
 def test_stats(db: Path) -> None:
     document = ok_json("stats", "--db", db)
     assert document == {

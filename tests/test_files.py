@@ -73,7 +73,7 @@ def test_a_file_damaged_beyond_its_schema_page_is_refused_at_open(
     data[at : at + 8192] = b"\xff" * 8192  # two pages of a task table or index: garbage
     db_path.write_bytes(bytes(data))
     before = digest(db_path)
-    with pytest.raises(DatabaseError, match="corrupt|malformed"):
+    with pytest.raises(DatabaseError, match=r"corrupt|malformed"):
         BackgroundTaskHandler(database=db_path)
     assert digest(db_path) == before  # refused before anything was written
 

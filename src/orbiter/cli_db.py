@@ -159,7 +159,7 @@ def check_schema(connection: Connection, target: DatabaseTarget) -> None:
 
 
 def _readonly_engine(path: Path) -> Engine:
-    uri = f"file:{quote(str(path))}?mode=ro"
+    uri = f"file:{quote(os.fsencode(path))}?mode=ro"  # bytes: any file name works
 
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False)
