@@ -218,3 +218,18 @@ def test_errors_survive_pickling_and_copying(error: BackgroundTaskError) -> None
         assert type(clone) is type(error)
         assert str(clone) == str(error)
         assert vars(clone) == vars(error)
+
+
+def test_a_runaway_error_text_is_stored_truncated(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path, max_value_bytes=1000) as handler:
+        handler.submit("t", "run")
+        handler.handle_error("t", "é" * 5_000_000)  # 10 MB of UTF-8
+        task = handler.get_task("t")
+        assert task is not None and task.status is RunNodeStatus.FAILED
+        assert task.error is not None and task.error.startswith("é" * 400)
+        assert task.error.endswith("[truncated: 10000000 bytes > max_value_bytes]")
+    with sqlite3.connect(db_path) as connection:
+        (stored,) = connection.execute(
+            "SELECT length(CAST(error AS BLOB)) FROM background_tasks"
+        ).fetchone()
+    assert stored <= 1000

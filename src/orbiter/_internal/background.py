@@ -157,7 +157,8 @@ class BackgroundTaskHandler:
             naming the command to run. A newer schema is always refused.
         busy_timeout: Seconds to wait for another process holding the write lock.
         codec: Encodes payloads and results as JSON text (default: strict JSON).
-        max_value_bytes: Largest encoded payload or result accepted.
+        max_value_bytes: Largest encoded payload or result accepted (a longer
+            ``handle_error`` text is stored truncated to about this size).
         poll_interval: How often ``pending_queue.wait()`` looks for results that other
             processes queued, in seconds.
         heartbeat_interval: How often this handler renews its lease, in seconds.

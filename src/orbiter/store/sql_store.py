@@ -273,11 +273,22 @@ class SqlStore:
             task.merge_mode = mode
         return task
 
-    def fail(self, task_id: str, error: str) -> BackgroundTask:
+    def _storable_error(self, error: str) -> str:
+        """``error`` as it is stored: the failure is recorded whatever its text holds."""
         if not error.isascii() and not is_unicode_text(error):
-            # Record the failure anyway: a lone surrogate (from a file name decoded with
-            # surrogateescape, say) is stored as its backslash escape.
+            # A lone surrogate (a file name decoded with surrogateescape, say) is stored
+            # as its backslash escape.
             error = error.encode("utf-8", "backslashreplace").decode("utf-8")
+        size = len(error) if error.isascii() else len(error.encode("utf-8"))
+        if size > self._max_value_bytes:
+            # One runaway error text must not bloat the file any more than a result can.
+            keep = max(0, self._max_value_bytes - 64)
+            kept = error.encode("utf-8")[:keep].decode("utf-8", "ignore")
+            error = f"{kept} ... [truncated: {size} bytes > max_value_bytes]"
+        return error
+
+    def fail(self, task_id: str, error: str) -> BackgroundTask:
+        error = self._storable_error(error)
         params = {"id": task_id, "error": error}
         held = self._tasks.get(task_id)
         operation = self._finish_op(
