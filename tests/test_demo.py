@@ -10,6 +10,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -132,6 +133,18 @@ def test_default_path_is_in_the_current_directory(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     assert default_demo_path() == tmp_path / DEFAULT_NAME
+
+
+def test_default_path_leaves_a_read_only_directory_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)  # read-only for root too, by the handler's own rule
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.chdir(locked)
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    assert default_demo_path() == temp / DEFAULT_NAME
 
 
 def test_demo_bad_arguments() -> None:

@@ -47,6 +47,7 @@ from orbiter.cli_db import CliError, open_for_reading, resolve_target
 from orbiter.cli_render import markup_safe
 from orbiter.migrate import current_revision
 from orbiter.store import admin_queries as q
+from orbiter.store.engine import is_writable
 from orbiter.store.schema import KNOWN_REVISIONS
 from orbiter.types import OrbiterError
 
@@ -182,7 +183,7 @@ def child_main(argv: list[str] | None = None) -> int:
 def default_demo_path() -> Path:
     """``./orbiter-demo.db``, or the temp directory's if the current one is read-only."""
     here = Path.cwd()
-    if os.access(here, os.W_OK):
+    if is_writable(here):  # the handler's own rule (root too respects a 0555 directory)
         return here / DEFAULT_NAME
     return Path(tempfile.gettempdir()) / DEFAULT_NAME
 

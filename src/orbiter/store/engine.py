@@ -121,14 +121,14 @@ def check_sqlite_file(path: Path) -> bool:
         raise DatabaseError(f"cannot open database {path}: directory {directory} does not exist")
     if path.is_dir():
         raise DatabaseError(f"cannot open database {path}: it is a directory")
-    if not _writable(directory):
+    if not is_writable(directory):
         raise DatabaseError(
             f"cannot open database {path}: directory {directory} is read-only "
             "(SQLite needs to create its -wal and -shm files beside the database)"
         )
     if not path.exists():
         return False
-    if not _writable(path):
+    if not is_writable(path):
         raise DatabaseError(f"cannot open database {path}: the file is read-only")
     with path.open("rb") as file:
         header = file.read(len(_SQLITE_HEADER))
@@ -149,7 +149,7 @@ def create_private_file(path: Path) -> None:
     os.close(fd)
 
 
-def _writable(path: Path) -> bool:
+def is_writable(path: Path) -> bool:
     """Writable for us; a file or directory with no write bit at all counts as read-only
     even for root, who would otherwise ignore the mode."""
     mode = path.stat().st_mode
