@@ -396,6 +396,16 @@ def test_a_file_name_that_is_not_utf8(db: Path) -> None:
     assert ok_json("tasks", "--db", odd)["total"] == len(TASKS)
 
 
+def test_db_and_json_may_come_before_the_command(db: Path, tmp_path: Path) -> None:
+    expected = ok_json("stats", "--db", db)
+    assert json.loads(ok("--db", db, "stats", "--json")) == expected
+    assert json.loads(ok("--json", "--db", db, "stats")) == expected
+    # Given in both places, the one after the command wins.
+    assert (
+        json.loads(ok("--db", tmp_path / "nowhere.db", "stats", "--db", db, "--json")) == expected
+    )
+
+
 def test_stats(db: Path) -> None:
     document = ok_json("stats", "--db", db)
     assert document == {

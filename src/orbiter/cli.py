@@ -122,15 +122,16 @@ def _add_paging(parser: argparse.ArgumentParser, *, default_limit: int) -> None:
     )
 
 
-def _common(json_help: str | None = "print one JSON document (shape: docs/cli.md)") -> _Parser:
+_DB_HELP = f"SQLite file or sqlite:/// URL (default: ${ENV_VAR})"
+_JSON_HELP = "print one JSON document (shape: docs/cli.md)"
+
+
+def _common() -> _Parser:
+    """``--db`` and ``--json``, after the command. They may also come before it (the main
+    parser has them too): SUPPRESS keeps a command from resetting what was given there."""
     parent = _Parser(add_help=False)
-    parent.add_argument(
-        "--db",
-        metavar="PATH_OR_URL",
-        help=f"SQLite file or sqlite:/// URL (default: ${ENV_VAR})",
-    )
-    if json_help is not None:
-        parent.add_argument("--json", action="store_true", help=json_help)
+    parent.add_argument("--db", metavar="PATH_OR_URL", default=argparse.SUPPRESS, help=_DB_HELP)
+    parent.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=_JSON_HELP)
     return parent
 
 
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)"
     )
+    parser.add_argument("--db", metavar="PATH_OR_URL", help=_DB_HELP)
+    parser.add_argument("--json", action="store_true", help=_JSON_HELP)
     commands = parser.add_subparsers(title="commands", dest="command", required=True)
     common = _common()
     _add_demo(commands)
@@ -174,7 +177,10 @@ def _add_demo(commands: Subparsers) -> None:
         description="Run the crash-and-restore demonstration on a fresh SQLite file.",
     )
     demo.add_argument(
-        "--db", metavar="PATH", help="demo file (default ./orbiter-demo.db; replaced each run)"
+        "--db",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="demo file (default ./orbiter-demo.db; replaced each run)",
     )
     demo.add_argument("--tasks", type=_int_at_least(2), default=8, help="tasks (default 8)")
     demo.add_argument("--seed", type=int, default=None, help="random seed for the delays")
