@@ -396,6 +396,20 @@ def test_a_file_name_that_is_not_utf8(db: Path) -> None:
     assert ok_json("tasks", "--db", odd)["total"] == len(TASKS)
 
 
+def test_read_commands_work_in_a_directory_they_cannot_write(db: Path) -> None:
+    with BackgroundTaskHandler(database=db):
+        pass  # a clean close folds the log into the file and removes it
+    assert not db.with_name(db.name + "-wal").exists()
+    before = sorted(db.parent.iterdir())
+    db.parent.chmod(0o555)  # read-only, for root too by the handler's rule
+    try:
+        assert ok_json("stats", "--db", db)["total"] == len(TASKS)
+        assert ok_json("tasks", "--db", db)["total"] == len(TASKS)
+    finally:
+        db.parent.chmod(0o755)
+    assert sorted(db.parent.iterdir()) == before  # no -wal or -shm left behind
+
+
 def test_db_and_json_may_come_before_the_command(db: Path, tmp_path: Path) -> None:
     expected = ok_json("stats", "--db", db)
     assert json.loads(ok("--db", db, "stats", "--json")) == expected

@@ -30,6 +30,7 @@ from orbiter.store.engine import (
     DatabaseTarget,
     check_sqlite_file,
     create_sync_engine,
+    is_writable,
     resolve_database,
 )
 from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS
@@ -159,7 +160,12 @@ def check_schema(connection: Connection, target: DatabaseTarget) -> None:
 
 
 def _readonly_engine(path: Path) -> Engine:
-    uri = f"file:{quote(os.fsencode(path))}?mode=ro"  # bytes: any file name works
+    # In a directory we may not write to, SQLite cannot create the -shm file a WAL reader
+    # needs. With no -wal file there, no writer can be at work either (it would need one),
+    # so the file is read as immutable: without the -shm, and without leaving files.
+    frozen = not is_writable(path.parent) and not path.with_name(path.name + "-wal").exists()
+    mode = "immutable=1" if frozen else "mode=ro"
+    uri = f"file:{quote(os.fsencode(path))}?{mode}"  # the name's bytes: any file name works
 
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False)
