@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
-from orbiter._internal.state import RunNodeStatus
+from orbiter._internal.background import BackgroundTask, BackgroundTaskError, BackgroundTaskHandler
+from orbiter._internal.state import RunNodeStatus, RunState
 from orbiter.errors import (
     DuplicateTaskError,
     InvalidValueError,
@@ -233,3 +233,32 @@ def test_a_runaway_error_text_is_stored_truncated(db_path: Path) -> None:
             "SELECT length(CAST(error AS BLOB)) FROM background_tasks"
         ).fetchone()
     assert stored <= 1000
+
+
+def test_a_tiny_limit_still_bounds_a_runaway_error_text(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path, max_value_bytes=16) as handler:
+        handler.submit("t", "run")
+        handler.handle_error("t", "x" * 17)
+    with sqlite3.connect(db_path) as connection:
+        (stored,) = connection.execute("SELECT error FROM background_tasks").fetchone()
+    assert stored == "x" * 16
+
+
+def test_a_pushed_task_gets_the_same_checks_as_submit_and_handle_error(db_path: Path) -> None:
+    state = RunState("agent")
+    with BackgroundTaskHandler(state, database=db_path, max_value_bytes=1000) as handler:
+        odd = BackgroundTask("lone \udcff", "run")
+        odd.complete(1)
+        with pytest.raises(InvalidValueError, match="task_id"):
+            handler.pending_queue.push(odd)
+        assert table_counts(db_path) == (0, 0)
+        failed = BackgroundTask("f", "run")
+        failed.fail("e" * 5000 + " report-\udcff.txt")
+        handler.pending_queue.push(failed)
+        assert handler.get_task("f") is failed  # the caller's object, as pushed
+        handler.submit("g", "run")
+        handler.handle_error("g", "g" * 5000)
+        assert state.nodes[-1].error == handler.get_task("g").error  # type: ignore[union-attr]
+    with sqlite3.connect(db_path) as connection:
+        rows = connection.execute("SELECT length(error) FROM background_tasks").fetchall()
+    assert all(length <= 1000 for (length,) in rows), rows

@@ -288,15 +288,30 @@ def test_a_read_racing_a_completion_never_rolls_a_held_task_back(db_path: Path, 
         assert task.status is RunNodeStatus.SUCCESS
 
 
-def test_a_task_the_caller_finished_itself_is_not_rolled_back_by_a_read(
+def test_a_change_made_on_a_task_object_is_stored_by_push(
     handler: BackgroundTaskHandler,
 ) -> None:
     task = handler.submit("a", "run")
-    task.complete("manual")  # on the object only; push() would store it
+    task.complete("manual")  # on the object only...
+    handler.pending_queue.push(task)  # ...until pushed
     assert handler.get_task("a") is task
     assert (task.status, task.result) == (RunNodeStatus.SUCCESS, "manual")
-    for status in RunNodeStatus:
-        assert all(t.status is status for t in handler.list_tasks(status=status))
+    assert handler.list_tasks(status=RunNodeStatus.SUCCESS) == [task]
+
+
+def test_a_purged_and_resubmitted_id_is_seen_running_again(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path) as first:
+        old = first.submit("x", "run-1")
+        asyncio.run(first.handle_result("x", "old", is_main_running=True))
+        with sqlite3.connect(db_path) as connection:  # what `orbiter-bg purge` does
+            connection.execute("DELETE FROM background_tasks WHERE task_id = 'x'")
+        with BackgroundTaskHandler(database=db_path) as second:
+            second.submit("x", "run-2")
+        seen = first.get_task("x")
+        assert seen is not None and seen is not old  # a different task now
+        assert (seen.parent_task_id, seen.status) == ("run-2", RunNodeStatus.RUNNING)
+        assert first.list_tasks(status=RunNodeStatus.RUNNING) == [seen]
+        assert (old.parent_task_id, old.result) == ("run-1", "old")  # left as it was
 
 
 def test_pushing_another_object_with_a_known_id_keeps_the_handed_out_one(

@@ -336,10 +336,10 @@ class BackgroundTaskHandler:
         _check_id(task_id, "task_id")
         if not isinstance(error, str):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise InvalidValueError(f"error must be a str, not {type(error).__name__}")
-        self._store.fail(task_id, error)
-        logger.warning("background task %r failed: %s", task_id, error)
+        task = self._store.fail(task_id, error)
+        logger.warning("background task %r failed: %s", task_id, task.error)
         if node := self._node(task_id):
-            node.fail(error)
+            node.fail(task.error or error)  # as stored (a runaway text is truncated)
 
     async def drain_pending(
         self, parent_task_id: str | None = None

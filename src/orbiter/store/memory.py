@@ -131,8 +131,8 @@ class MemoryStore:
 
     def pending_count(self) -> int:
         self._check_open()
-        held = [queue.tasks for queue in list(self._held.values())]
-        return len(self._pending.tasks) + sum(map(len, held))
+        with self._lock:  # a claim moves items between the two: count them at one moment
+            return len(self._pending.tasks) + sum(len(queue.tasks) for queue in self._held.values())
 
     def has_pending(self) -> bool:
         return self.pending_count() > 0

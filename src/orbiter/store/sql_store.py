@@ -32,6 +32,7 @@ from orbiter.errors import (
     DatabaseError,
     DatabaseLockedError,
     DuplicateTaskError,
+    InvalidValueError,
     TaskAlreadyCompletedError,
     TaskNotFoundError,
 )
@@ -69,8 +70,6 @@ DRAIN_BATCH = 100
 #: is gone anyway, so a claim commits process-crash-safe (no fsync at FULL), like an
 #: acknowledgement. (A claim is visible to other processes as soon as it commits.)
 CLAIMS_ARE_RELAXED = True
-
-_ACTIVE = frozenset(RunNodeStatus(status) for status in queries.ACTIVE_STATUSES)
 
 #: A task row as the queries return it (see ``queries.TASK_COLUMNS``).
 TaskRow = Sequence[Any]
@@ -118,6 +117,9 @@ class SqlStore:
         self._tasks: weakref.WeakValueDictionary[str, BackgroundTask] = (
             weakref.WeakValueDictionary()
         )
+        #: Task objects this handler has finished so far: a read that sees it move knows
+        #: its rows may be older than an object it would update (see ``_task_from_row``).
+        self._finished_count = 0
         if target.path is not None and not check_sqlite_file(target.path):
             create_private_file(target.path)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
@@ -153,16 +155,25 @@ class SqlStore:
 
     # -- rows to tasks -------------------------------------------------------------
 
-    def _task_from_row(self, row: TaskRow) -> BackgroundTask:
+    def _task_from_row(self, row: TaskRow, finished_before: int | None = None) -> BackgroundTask:
         """The task object for ``row``: the one this handler holds, brought up to date, or
-        a new one. A held object that has finished is never moved back to active: a task
-        finishes once, so such a row was read before the object finished (on another
-        thread, say) or the caller finished the object itself (``push`` stores that)."""
+        a new one. ``finished_before`` is ``_finished_count`` as it was before the row was
+        read: if this handler finished a task since (on another thread), a still-active
+        row may be older than the object, which then stays as it is."""
         task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
         task = self._tasks.get(task_id)
-        if task is not None and (
+        if task is not None and task.parent_task_id != parent_task_id:
+            # The id was purged and submitted again for another run: a different task.
+            task = self._tasks[task_id] = BackgroundTask(
+                task_id, parent_task_id, payload=self._codec.loads(payload)
+            )
+        elif task is not None and (
             task.status == status
-            or (task.status not in _ACTIVE and status in queries.ACTIVE_STATUSES)
+            or (
+                finished_before is not None
+                and finished_before != self._finished_count
+                and status in queries.ACTIVE_STATUSES
+            )
         ):
             return task
         if task is None:
@@ -271,6 +282,7 @@ class SqlStore:
         if task is not None:
             task.complete(result)
             task.merge_mode = mode
+            self._finished_count += 1
         return task
 
     def _storable_error(self, error: str) -> str:
@@ -282,9 +294,11 @@ class SqlStore:
         size = len(error) if error.isascii() else len(error.encode("utf-8"))
         if size > self._max_value_bytes:
             # One runaway error text must not bloat the file any more than a result can.
-            keep = max(0, self._max_value_bytes - 64)
-            kept = error.encode("utf-8")[:keep].decode("utf-8", "ignore")
-            error = f"{kept} ... [truncated: {size} bytes > max_value_bytes]"
+            note = f" ... [truncated: {size} bytes > max_value_bytes]"
+            room = self._max_value_bytes - len(note)
+            if room < 1:  # a limit too small for the note: the text's start alone
+                note, room = "", self._max_value_bytes
+            error = error.encode("utf-8")[:room].decode("utf-8", "ignore") + note
         return error
 
     def fail(self, task_id: str, error: str) -> BackgroundTask:
@@ -298,24 +312,31 @@ class SqlStore:
         task = self._finished(task_id, held, row)
         assert task is not None  # held, or built from the row
         task.fail(error)
+        self._finished_count += 1
         return task
 
     def get(self, task_id: str) -> BackgroundTask | None:
+        finished = self._finished_count
         row = self._worker.call(
             lambda db: db.first(queries.select_task(), {"id": task_id}),
             writes=False,
         )
-        return None if row is None else self._task_from_row(row)
+        return None if row is None else self._task_from_row(row, finished)
 
     def list_tasks(self, status: RunNodeStatus | None) -> list[BackgroundTask]:
         statement = queries.select_tasks(status is not None)
         params = {} if status is None else {"status": status.value}
+        finished = self._finished_count
         rows = self._worker.call(lambda db: db.all(statement, params), writes=False)
-        tasks = [self._task_from_row(row) for row in rows]
-        # A held object the caller finished itself is listed under the status it shows.
-        return tasks if status is None else [task for task in tasks if task.status is status]
+        return [self._task_from_row(row, finished) for row in rows]
 
     def push_pending(self, task: BackgroundTask) -> None:
+        for name in ("task_id", "parent_task_id"):
+            value = getattr(task, name)
+            if not isinstance(value, str) or not value or not is_unicode_text(value):
+                raise InvalidValueError(f"cannot store the pushed task: bad {name} {value!r}")
+        if task.error is not None and not isinstance(task.error, str):
+            raise InvalidValueError(f"cannot store the pushed task: error is {task.error!r}")
         params = {
             "task_id": task.task_id,
             "parent_task_id": task.parent_task_id,
@@ -323,7 +344,7 @@ class SqlStore:
             "merge_mode": task.merge_mode.value if task.merge_mode is not None else None,
             "payload": self._encode(task.payload, "payload"),
             "result": self._encode(task.result, "result") if task.is_complete else None,
-            "error": task.error,
+            "error": None if task.error is None else self._storable_error(task.error),
             "owner_id": self.identity.owner_id,
         }
 
