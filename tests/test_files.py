@@ -113,6 +113,47 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
     assert digest(db_path) == before
 
 
+def _crash_after_writes(db_path: Path, script: str) -> None:
+    """Run ``script`` with ``handler`` open on ``db_path`` in a child that then dies
+    without closing, leaving its -wal beside the file (as SIGKILL would)."""
+    code = (
+        "import os\n"
+        "from orbiter._internal.background import BackgroundTaskHandler\n"
+        f"handler = BackgroundTaskHandler(database={str(db_path)!r})\n"
+        f"{script}\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert db_path.with_name(db_path.name + "-wal").stat().st_size > 0
+
+
+@pytest.mark.parametrize("damage", ["pages", "newer schema"])
+def test_a_refused_file_with_a_crashed_writers_log_is_left_as_it_was(
+    db_path: Path, damage: str
+) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        for index in range(300):
+            handler.submit(f"t{index}", "run", payload={"text": "x" * 100})
+    _crash_after_writes(db_path, "handler.submit('late', 'run')")
+    if damage == "pages":
+        data = bytearray(db_path.read_bytes())
+        middle = len(data) // 2 // 4096 * 4096
+        data[middle : middle + 8192] = b"\xff" * 8192
+        db_path.write_bytes(bytes(data))
+    else:
+        _crash_after_writes(
+            db_path,
+            "handler._store._worker.call(lambda db: db.raw.execute("
+            "\"UPDATE alembic_version SET version_num = '9999'\"))",
+        )
+    wal = db_path.with_name(db_path.name + "-wal")
+    before = (digest(db_path), digest(wal))
+    with pytest.raises(DatabaseError, match=r"corrupt|malformed|newer"):
+        BackgroundTaskHandler(database=db_path)
+    # Refusing it did not fold the log into the file (what a last connection does).
+    assert (digest(db_path), digest(wal)) == before
+
+
 def test_empty_file_gets_the_schema(db_path: Path) -> None:
     db_path.touch()
     with BackgroundTaskHandler(database=db_path) as handler:

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.pool import NullPool
@@ -31,6 +30,7 @@ from orbiter.store.engine import (
     check_sqlite_file,
     create_sync_engine,
     is_writable,
+    read_only_uri,
     resolve_database,
 )
 from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS
@@ -164,8 +164,7 @@ def _readonly_engine(path: Path) -> Engine:
     # needs. With no -wal file there, no writer can be at work either (it would need one),
     # so the file is read as immutable: without the -shm, and without leaving files.
     frozen = not is_writable(path.parent) and not path.with_name(path.name + "-wal").exists()
-    mode = "immutable=1" if frozen else "mode=ro"
-    uri = f"file:{quote(os.fsencode(path))}?{mode}"  # the name's bytes: any file name works
+    uri = read_only_uri(path, immutable=frozen)
 
     def connect() -> sqlite3.Connection:
         return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False)

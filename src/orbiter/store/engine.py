@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError
@@ -25,7 +28,6 @@ __all__ = [
     "FULL_CHECK_MAX_BYTES",
     "DatabaseTarget",
     "Synchronous",
-    "check_structure",
     "configure_sqlite_engine",
     "create_sync_engine",
     "enable_wal",
@@ -229,19 +231,39 @@ def run_pragma(connection: Connection, pragma: str) -> list[Any]:
 FULL_CHECK_MAX_BYTES = 1 << 20
 
 
-def check_structure(connection: Connection, path: Path, where: str) -> None:
-    """Refuse a small file whose pages are damaged, before anything writes to it.
+def read_only_uri(path: Path, *, immutable: bool = False) -> str:
+    """A SQLite URI that opens ``path`` read-only (any file name: its bytes are quoted)."""
+    return f"file:{quote(os.fsencode(path))}?{'immutable=1' if immutable else 'mode=ro'}"
+
+
+@contextmanager
+def guarded_open(path: Path | None, where: str) -> Iterator[None]:
+    """Hold a read-only connection to the existing file ``path`` while a handler opens it.
+
+    It first refuses a small file whose pages are damaged (``PRAGMA quick_check``). And
+    while it is open, a refused open cannot write the file: SQLite's last connection to
+    close folds the log (``-wal``) into the file, and this one, closing last, cannot.
 
     Raises:
-        DatabaseError: naming the first problem ``PRAGMA quick_check`` found.
+        DatabaseError: naming the first problem the check found.
     """
-    if not path.exists() or path.stat().st_size > FULL_CHECK_MAX_BYTES:
+    if path is None:
+        yield
         return
-    problems = [row[0] for row in run_pragma(connection, "PRAGMA quick_check(3)")]
-    if problems != ["ok"]:
-        raise DatabaseError(
-            f"{where}: the file is corrupt ({'; '.join(problems)}); nothing was written to it"
-        )
+    guard = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
+    try:
+        if path.stat().st_size <= FULL_CHECK_MAX_BYTES:
+            problems = [row[0] for row in guard.execute("PRAGMA quick_check(3)").fetchall()]
+            if problems != ["ok"]:
+                raise DatabaseError(
+                    f"{where}: the file is corrupt ({'; '.join(problems)}); "
+                    "nothing was written to it"
+                )
+        else:
+            guard.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()  # take its lock
+        yield
+    finally:
+        guard.close()
 
 
 def enable_wal(connection: Connection) -> None:

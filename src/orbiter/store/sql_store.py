@@ -49,9 +49,9 @@ from orbiter.store.engine import (
     DatabaseTarget,
     Synchronous,
     check_sqlite_file,
-    check_structure,
     create_private_file,
     create_sync_engine,
+    guarded_open,
 )
 from orbiter.store.executor import Db
 from orbiter.store.heartbeat import Heartbeat
@@ -120,13 +120,15 @@ class SqlStore:
         #: Task objects this handler has finished so far: a read that sees it move knows
         #: its rows may be older than an object it would update (see ``_task_from_row``).
         self._finished_count = 0
-        if target.path is not None and not check_sqlite_file(target.path):
+        existing = (
+            target.path if target.path is not None and check_sqlite_file(target.path) else None
+        )
+        if target.path is not None and existing is None:
             create_private_file(target.path)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
         try:
-            with engine.connect() as connection:
-                if target.path is not None:
-                    check_structure(connection, target.path, self._where)
+            # The connection closes inside the guard, so a refused file is left as it was.
+            with guarded_open(existing, self._where), engine.connect() as connection:
                 ensure_schema(connection, self._where, auto_migrate=auto_migrate)
         except Exception as exc:
             engine.dispose()
