@@ -20,6 +20,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -396,18 +397,41 @@ def test_a_file_name_that_is_not_utf8(db: Path) -> None:
     assert ok_json("tasks", "--db", odd)["total"] == len(TASKS)
 
 
-def test_read_commands_work_in_a_directory_they_cannot_write(db: Path) -> None:
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() != 0,
+    reason="needs root to become an unprivileged user",
+)
+def test_read_commands_work_for_a_user_who_cannot_write_the_directory(db: Path) -> None:
     with BackgroundTaskHandler(database=db):
         pass  # a clean close folds the log into the file and removes it
-    assert not db.with_name(db.name + "-wal").exists()
-    before = sorted(db.parent.iterdir())
-    db.parent.chmod(0o555)  # read-only, for root too by the handler's rule
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is private to root
     try:
-        assert ok_json("stats", "--db", db)["total"] == len(TASKS)
-        assert ok_json("tasks", "--db", db)["total"] == len(TASKS)
+        shared.chmod(0o755)  # root's directory: others may read it, not write it
+        target = shared / "tasks.db"
+        shutil.copy(db, target)
+        target.chmod(0o644)
+        expected = ok_json("stats", "--db", db)  # also loads every module the child needs
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: an unprivileged reader such as a monitoring user
+            try:
+                os.close(read_end)
+                os.setgid(65534)
+                os.setuid(65534)
+                done = cli("stats", "--db", target, "--json")
+                answer = [done.returncode, done.stdout, done.stderr]
+                os.write(write_end, json.dumps(answer).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            code, out, err = json.loads(pipe.read() or '[-1, "", "the child said nothing"]')
+        os.waitpid(pid, 0)
+        assert code == 0, err
+        assert json.loads(out) == {**expected, "database": str(target.resolve())}
+        assert [path.name for path in shared.iterdir()] == ["tasks.db"]  # nothing created
     finally:
-        db.parent.chmod(0o755)
-    assert sorted(db.parent.iterdir()) == before  # no -wal or -shm left behind
+        shutil.rmtree(shared)
 
 
 def test_db_and_json_may_come_before_the_command(db: Path, tmp_path: Path) -> None:

@@ -29,7 +29,6 @@ from orbiter.store.engine import (
     DatabaseTarget,
     check_sqlite_file,
     create_sync_engine,
-    is_writable,
     read_only_uri,
     resolve_database,
 )
@@ -159,15 +158,32 @@ def check_schema(connection: Connection, target: DatabaseTarget) -> None:
 # -- connections -----------------------------------------------------------------------
 
 
-def _readonly_engine(path: Path) -> Engine:
-    # In a directory we may not write to, SQLite cannot create the -shm file a WAL reader
-    # needs. With no -wal file there, no writer can be at work either (it would need one),
-    # so the file is read as immutable: without the -shm, and without leaving files.
-    frozen = not is_writable(path.parent) and not path.with_name(path.name + "-wal").exists()
-    uri = read_only_uri(path, immutable=frozen)
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """A read-only connection that takes SQLite's locks (a consistent snapshot).
 
+    A WAL reader needs the ``-shm`` file beside the database; a user who may not write
+    that directory cannot create it. Only then, and only if there is no ``-wal`` either
+    (no handler has the file open), is the file read as immutable (without locks): a
+    handler that starts writing during that read could make it inconsistent.
+    """
+    connection = sqlite3.connect(
+        read_only_uri(path), uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False
+    )
+    try:
+        connection.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+    except sqlite3.OperationalError as exc:
+        connection.close()
+        no_shm = "readonly" in str(exc) or "unable to open" in str(exc)
+        if not no_shm or path.with_name(path.name + "-wal").exists():
+            raise
+        immutable = read_only_uri(path, immutable=True)
+        return sqlite3.connect(immutable, uri=True, check_same_thread=False)
+    return connection
+
+
+def _readonly_engine(path: Path) -> Engine:
     def connect() -> sqlite3.Connection:
-        return sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False)
+        return _connect_read_only(path)
 
     engine = create_engine("sqlite+pysqlite://", creator=connect, poolclass=NullPool)
 
