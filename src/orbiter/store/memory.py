@@ -65,8 +65,7 @@ class MemoryStore:
             raise HandlerClosedError("the handler is closed")
 
     def _running_task(self, task_id: str) -> BackgroundTask:
-        if self._closed:
-            raise HandlerClosedError("the handler is closed")
+        self._check_open()
         task = self._tasks.get(task_id)
         if task is None:
             raise TaskNotFoundError(task_id)
@@ -89,8 +88,7 @@ class MemoryStore:
             task.complete(result)
             task.merge_mode = mode
             if mode is MergeMode.WAKEUP:
-                self._pending.places.append(next(self._places))
-                self._pending.tasks.append(task)
+                self._enqueue(task)
         finally:
             self._lock.release()
         if mode is MergeMode.WAKEUP:
