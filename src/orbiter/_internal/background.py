@@ -25,7 +25,7 @@ from orbiter._internal.state import RunNode, RunNodeStatus, RunState
 from orbiter._internal.task import BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
 from orbiter.store import TaskStore
-from orbiter.store.codec import Codec, JsonCodec, is_unicode_text
+from orbiter.store.codec import Codec, JsonCodec, check_id
 from orbiter.store.engine import Synchronous, resolve_database
 from orbiter.store.memory import MemoryStore
 from orbiter.store.sql_store import SqlStore
@@ -55,16 +55,6 @@ class OrphanAction(StrEnum):
 
 #: Default cap on one encoded payload or result (see ``max_value_bytes``).
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
-
-
-def _check_id(value: object, name: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidValueError(f"{name} must be a str, not {type(value).__name__}")
-    if not value:
-        raise InvalidValueError(f"{name} must not be empty")
-    if not value.isascii() and not is_unicode_text(value):
-        raise InvalidValueError(f"{name} {value!r} is not valid Unicode text (a lone surrogate)")
-    return value
 
 
 async def _let_abandoned_drains_finish() -> None:
@@ -284,8 +274,8 @@ class BackgroundTaskHandler:
             BackgroundTaskError: If a task with this ID already exists (here or in the
                 file), or an argument is invalid (nothing is written then).
         """
-        _check_id(task_id, "task_id")
-        _check_id(parent_task_id, "parent_task_id")
+        check_id(task_id, "task_id")
+        check_id(parent_task_id, "parent_task_id")
         task = BackgroundTask(task_id, parent_task_id, payload=payload)
         task.start()
         self._store.add(task)
@@ -315,7 +305,7 @@ class BackgroundTaskHandler:
             BackgroundTaskError: If the task ID is not found, the task already completed,
                 or the result cannot be stored (nothing is written then).
         """
-        _check_id(task_id, "task_id")
+        check_id(task_id, "task_id")
         mode = MergeMode.HOT if is_main_running else MergeMode.WAKEUP
         merge_now = mode is MergeMode.HOT and bool(self._merge_callbacks)
         task = await self._store.complete(task_id, result, mode, want_task=merge_now)
@@ -333,7 +323,7 @@ class BackgroundTaskHandler:
         Raises:
             BackgroundTaskError: If the task ID is not found or the task already completed.
         """
-        _check_id(task_id, "task_id")
+        check_id(task_id, "task_id")
         if not isinstance(error, str):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise InvalidValueError(f"error must be a str, not {type(error).__name__}")
         task = self._store.fail(task_id, error)
@@ -364,7 +354,7 @@ class BackgroundTaskHandler:
             Each pending BackgroundTask with its result.
         """
         if parent_task_id is not None:
-            _check_id(parent_task_id, "parent_task_id")
+            check_id(parent_task_id, "parent_task_id")
         await _let_abandoned_drains_finish()
         async with contextlib.aclosing(self._store.iter_pending(parent_task_id)) as pending:
             async for task in pending:
@@ -388,7 +378,7 @@ class BackgroundTaskHandler:
             parent_task_id: The run to restore (default: every run's results).
         """
         if parent_task_id is not None:
-            _check_id(parent_task_id, "parent_task_id")
+            check_id(parent_task_id, "parent_task_id")
         await _let_abandoned_drains_finish()
         claimer, tasks = await self._store.claim_batch(parent_task_id)
         try:
@@ -481,7 +471,7 @@ class BackgroundTaskHandler:
 
     def get_task(self, task_id: str) -> BackgroundTask | None:
         """Retrieve a background task by ID; None if not found."""
-        _check_id(task_id, "task_id")
+        check_id(task_id, "task_id")
         return self._store.get(task_id)
 
     def list_tasks(self, *, status: RunNodeStatus | None = None) -> list[BackgroundTask]:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from orbiter.errors import InvalidValueError
 
-__all__ = ["Codec", "JsonCodec", "is_unicode_text", "utc_now_text"]
+__all__ = ["Codec", "JsonCodec", "check_id", "is_unicode_text", "utc_now_text"]
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -76,6 +76,17 @@ def is_unicode_text(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def check_id(value: object, name: str) -> str:
+    """``value`` if it can be a task or run id (a non-empty str that UTF-8 can hold)."""
+    if not isinstance(value, str):
+        raise InvalidValueError(f"{name} must be a str, not {type(value).__name__}")
+    if not value:
+        raise InvalidValueError(f"{name} must not be empty")
+    if not value.isascii() and not is_unicode_text(value):
+        raise InvalidValueError(f"{name} {value!r} is not valid Unicode text (a lone surrogate)")
+    return value
 
 
 class JsonCodec:

@@ -41,6 +41,7 @@ from orbiter.store import queries
 from orbiter.store.codec import (
     TIMESTAMP_FORMAT,
     Codec,
+    check_id,
     encode_value,
     is_unicode_text,
     utc_now_text,
@@ -333,10 +334,8 @@ class SqlStore:
         return [self._task_from_row(row, finished) for row in rows]
 
     def push_pending(self, task: BackgroundTask) -> None:
-        for name in ("task_id", "parent_task_id"):
-            value = getattr(task, name)
-            if not isinstance(value, str) or not value or not is_unicode_text(value):
-                raise InvalidValueError(f"cannot store the pushed task: bad {name} {value!r}")
+        check_id(task.task_id, "task_id")
+        check_id(task.parent_task_id, "parent_task_id")
         if task.error is not None and not isinstance(task.error, str):
             raise InvalidValueError(f"cannot store the pushed task: error is {task.error!r}")
         params = {
