@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from orbiter.errors import InvalidValueError
 
-__all__ = ["Codec", "JsonCodec", "check_id", "is_unicode_text", "utc_now_text"]
+__all__ = ["Codec", "JsonCodec", "check_id", "is_unicode_text", "utc_now_text", "utf8_size"]
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -78,6 +78,11 @@ def is_unicode_text(text: str) -> bool:
     return True
 
 
+def utf8_size(text: str) -> int:
+    """Bytes ``text`` takes as UTF-8 (raises ``UnicodeEncodeError`` on a lone surrogate)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def check_id(value: object, name: str) -> str:
     """``value`` if it can be a task or run id (a non-empty str that UTF-8 can hold)."""
     if not isinstance(value, str):
@@ -114,13 +119,10 @@ def encode_value(codec: Codec, value: Any, what: str, max_bytes: int) -> str:
         raise InvalidValueError(f"cannot store {what}: {exc}") from exc
     if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise InvalidValueError(f"codec.dumps returned {type(text).__name__}, expected str")
-    if text.isascii():
-        size = len(text)
-    else:
-        try:
-            size = len(text.encode("utf-8"))
-        except UnicodeEncodeError as exc:
-            raise InvalidValueError(f"cannot store {what}: codec.dumps returned {exc}") from exc
+    try:
+        size = utf8_size(text)
+    except UnicodeEncodeError as exc:
+        raise InvalidValueError(f"cannot store {what}: codec.dumps returned {exc}") from exc
     if size > max_bytes:
         raise InvalidValueError(
             f"cannot store {what}: {size} bytes of JSON exceeds max_value_bytes={max_bytes}"

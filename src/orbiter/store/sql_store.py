@@ -45,6 +45,7 @@ from orbiter.store.codec import (
     encode_value,
     is_unicode_text,
     utc_now_text,
+    utf8_size,
 )
 from orbiter.store.engine import (
     DatabaseTarget,
@@ -294,7 +295,7 @@ class SqlStore:
             # A lone surrogate (a file name decoded with surrogateescape, say) is stored
             # as its backslash escape.
             error = error.encode("utf-8", "backslashreplace").decode("utf-8")
-        size = len(error) if error.isascii() else len(error.encode("utf-8"))
+        size = utf8_size(error)
         if size > self._max_value_bytes:
             # One runaway error text must not bloat the file any more than a result can.
             note = f" ... [truncated: {size} bytes > max_value_bytes]"
