@@ -91,12 +91,6 @@ class Db:
         compiled = compile_statement(statement)
         return self.raw.execute(compiled.sql, compiled.bind(params))
 
-    def execute_many(self, statement: ClauseElement, params: list[dict[str, Any]]) -> int:
-        """Execute ``statement`` once per dict of ``params`` (one call into the driver);
-        returns the rows changed in all."""
-        compiled = compile_statement(statement)
-        return self.raw.executemany(compiled.sql, map(compiled.bind, params)).rowcount
-
     def all(self, statement: ClauseElement, params: dict[str, Any] | None = None) -> list[Any]:
         """Every row, as tuples."""
         return self.execute(statement, params).fetchall()

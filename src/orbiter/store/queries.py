@@ -17,13 +17,11 @@ from sqlalchemy import (
     Select,
     Update,
     bindparam,
-    column,
     delete,
     exists,
     func,
     literal,
     select,
-    values,
 )
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -34,14 +32,12 @@ from orbiter.store.schema import pending_queue as pending
 
 __all__ = [
     "ACTIVE_STATUSES",
-    "COMPLETE_MANY_SIZES",
     "acknowledge_all_claimed",
     "acknowledge_claimed",
     "claim_pending",
     "claimed_items",
     "claimers",
     "close_owner",
-    "complete_many",
     "complete_task",
     "count_pending",
     "delete_owner",
@@ -141,41 +137,6 @@ def complete_task(returning: bool = True) -> Update:
         status="success",
         result=bindparam("result"),
         merge_mode=bindparam("merge_mode"),
-    )
-
-
-#: Group sizes :func:`complete_many` is built for (each compiles once, on first use); a
-#: smaller group fills the rest of the next size with NULL ids, which match no task.
-COMPLETE_MANY_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-@cache
-def complete_many(size: int) -> Update:
-    """Mark up to ``size`` active tasks SUCCESS in one statement, like runs of
-    :func:`complete_task` without RETURNING of the row: ``:id_<i>`` and ``:result_<i>``
-    per task (a NULL id is a blank), ``:merge_mode`` and ``:now`` shared; returns the ids
-    it changed.
-
-    The ids must differ (a task matched twice would take an arbitrary one of its
-    results). One statement costs SQLite less than one per task (measured: ~1.2x the rate).
-    """
-    if size not in COMPLETE_MANY_SIZES:
-        raise ValueError(f"complete_many is built for sizes {COMPLETE_MANY_SIZES}, not {size}")
-    rows: list[tuple[Any, ...]] = [
-        (bindparam(f"id_{i}"), bindparam(f"result_{i}")) for i in range(size)
-    ]
-    columns = (column("task_id", tasks.c.task_id.type), column("result", tasks.c.result.type))
-    given = values(*columns, name="given").data(rows).cte("given")
-    return (
-        tasks.update()
-        .where(tasks.c.task_id == given.c.task_id, _is_active())
-        .values(
-            status="success",
-            result=given.c.result,
-            merge_mode=bindparam("merge_mode"),
-            updated_at=bindparam("now"),
-        )
-        .returning(tasks.c.task_id)
     )
 
 

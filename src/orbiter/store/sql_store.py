@@ -58,7 +58,7 @@ from orbiter.store.engine import (
 from orbiter.store.executor import Db
 from orbiter.store.heartbeat import Heartbeat
 from orbiter.store.owner import OwnerIdentity, owner_gone_reason
-from orbiter.store.worker import Combined, CommitWorker, Operation, Outcome, outcome_of
+from orbiter.store.worker import CommitWorker, Operation
 
 __all__ = ["SqlStore"]
 
@@ -232,7 +232,10 @@ class SqlStore:
                 row = None
                 changed = db.changes(statement, params) > 0
             if not changed:
-                raise _not_finished(db, task_id)
+                status = db.scalar(queries.task_status(), {"id": task_id})
+                if status is None:
+                    raise TaskNotFoundError(task_id)
+                raise TaskAlreadyCompletedError(task_id, status)
             if enqueue:
                 db.execute(queries.enqueue(), {"task_id": task_id, "now": db.now})
             return None if row is None else tuple(row)
@@ -269,17 +272,14 @@ class SqlStore:
         # The object someone holds must show the result; nobody else needs one built,
         # and only building one needs the row back.
         held = self._tasks.get(task_id)
-        returning = want_task and held is None
         operation = self._finish_op(
             task_id,
             queries.complete_task,
             params,
-            returning=returning,
+            returning=want_task and held is None,
             enqueue=mode is MergeMode.WAKEUP,
         )
-        # Completions that need no row back run as one with their neighbours in a batch.
-        combined = None if returning else Combined(mode, (params, operation), _COMPLETE_MANY[mode])
-        row = await self._worker.acall(operation, combined=combined)
+        row = await self._worker.acall(operation)
         if mode is MergeMode.WAKEUP:
             self.pending_signal.notify()
         task = self._finished(task_id, held, row)
@@ -648,48 +648,3 @@ def translate_error(where: str, exc: BaseException) -> BaseException:
 
 def _any_free_pending(db: Db) -> bool:
     return bool(db.scalar(queries.has_free_pending()))
-
-
-def _not_finished(db: Db, task_id: str) -> BackgroundTaskError:
-    """Why a guarded finishing update changed nothing: the task is unknown or done."""
-    status = db.scalar(queries.task_status(), {"id": task_id})
-    if status is None:
-        return TaskNotFoundError(task_id)
-    return TaskAlreadyCompletedError(task_id, status)
-
-
-#: One completion as :func:`_complete_many` takes it: its parameters (id, result) and
-#: the operation that does it alone.
-_Completion = tuple[dict[str, Any], Operation[TaskRow | None]]
-
-
-def _complete_many(mode: MergeMode, db: Db, completions: list[_Completion]) -> list[Outcome]:
-    """Run ``completions`` (all in ``mode``) as a few set-based statements: each outcome,
-    the rows changed and the order of their queue entries are those of running them one
-    by one, in order."""
-    ids = [params["id"] for params, _ in completions]
-    if len(set(ids)) < len(ids):
-        # A task completed twice in one batch: its first call must win, as one by one.
-        return [outcome_of(operation, db) for _, operation in completions]
-    changed: set[str] = set()
-    largest = queries.COMPLETE_MANY_SIZES[-1]
-    for start in range(0, len(ids), largest):
-        chunk = completions[start : start + largest]
-        size = next(size for size in queries.COMPLETE_MANY_SIZES if size >= len(chunk))
-        bound: dict[str, Any] = {"merge_mode": mode.value, "now": db.now}
-        for index, id_name, result_name in _COMPLETE_MANY_NAMES[:size]:
-            params = chunk[index][0] if index < len(chunk) else _BLANK_COMPLETION
-            bound[id_name] = params["id"]
-            bound[result_name] = params["result"]
-        changed.update(row[0] for row in db.all(queries.complete_many(size), bound))
-    if mode is MergeMode.WAKEUP:
-        queued = [{"task_id": task_id, "now": db.now} for task_id in ids if task_id in changed]
-        db.execute_many(queries.enqueue(), queued)
-    return [(True, None) if id_ in changed else (False, _not_finished(db, id_)) for id_ in ids]
-
-
-_BLANK_COMPLETION: dict[str, Any] = {"id": None, "result": None}
-_COMPLETE_MANY_NAMES = [
-    (index, f"id_{index}", f"result_{index}") for index in range(queries.COMPLETE_MANY_SIZES[-1])
-]
-_COMPLETE_MANY = {mode: partial(_complete_many, mode) for mode in MergeMode}

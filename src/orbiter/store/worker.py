@@ -31,10 +31,10 @@ import logging
 import sqlite3
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 
@@ -42,7 +42,7 @@ from orbiter.errors import BackgroundTaskError, HandlerClosedError
 from orbiter.store.codec import utc_now_text
 from orbiter.store.executor import Db
 
-__all__ = ["Combined", "CommitWorker", "Operation", "Outcome", "outcome_of"]
+__all__ = ["CommitWorker", "Operation"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,20 +57,6 @@ MAKE_WAY_AFTER = 8
 
 Operation = Callable[[Db], T]
 
-#: What running an operation gave: ``(True, value)``, or ``(False, error)`` to raise.
-Outcome = tuple[bool, Any]
-
-
-class Combined(NamedTuple):
-    """How an operation can run as one with the operations of the same ``key`` next to it
-    in a batch: ``run_many(db, [args, ...])`` does what each ``run`` would, in order,
-    and returns each one's outcome. If it raises, the batch is retried one operation at a
-    time, each with its own ``run``."""
-
-    key: Hashable
-    args: Any
-    run_many: Callable[[Db, list[Any]], list[Outcome]]
-
 
 @dataclass(slots=True, eq=False)
 class _Queued(Generic[T]):
@@ -82,8 +68,7 @@ class _Queued(Generic[T]):
     relaxed: bool
     future: Future[T] | None = None
     waiter: asyncio.Future[T] | None = None
-    outcome: Outcome = (False, None)
-    combined: Combined | None = None
+    outcome: tuple[bool, Any] = (False, None)
     urgent: bool = False  # a blocked thread's, queued at the front
 
     def wanted(self) -> bool:
@@ -132,8 +117,6 @@ class CommitWorker:
         self._reader_pooled: Any = None
         #: Transactions committed so far (each may hold many operations).
         self.commits = 0
-        #: Operations that ran as part of a combined run (see :class:`Combined`).
-        self.combined = 0
         try:
             self._pooled = engine.raw_connection()
         except Exception as exc:
@@ -260,14 +243,7 @@ class CommitWorker:
             return _result(done)
         return self.submit(run, writes=writes, relaxed=relaxed).result()
 
-    async def acall(
-        self,
-        run: Operation[T],
-        *,
-        writes: bool = True,
-        relaxed: bool = False,
-        combined: Combined | None = None,
-    ) -> T:
+    async def acall(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
         """Run ``run`` and return once it has committed.
 
         Reads and relaxed writes (no fsync) run inline when the connection is idle (reads
@@ -275,8 +251,7 @@ class CommitWorker:
         of the event loop are handed on together at its end, in the order they were made:
         a lone one commits inline if the connection is idle (blocking the loop for one
         commit, as a sync call does); several, or any while the worker is busy, go to the
-        worker thread, where they share one commit and the loop does not wait; there,
-        ``combined`` lets it run as one with like operations next to it.
+        worker thread, where they share one commit and the loop does not wait.
         """
         if not writes or relaxed:
             done = self._run_now(run, writes, relaxed)
@@ -291,7 +266,7 @@ class CommitWorker:
                 raise HandlerClosedError("the handler is closed")
             self._staged[loop] = staged = []
             loop.call_soon(self._hand_on_staged, loop)
-        staged.append(_Queued(run, writes, relaxed, waiter=waiter, combined=combined))
+        staged.append(_Queued(run, writes, relaxed, waiter=waiter))
         self._async_writes += 1
         try:
             return await waiter
@@ -463,51 +438,19 @@ class CommitWorker:
                     if ran == len(items):
                         break
                     async_left = 0  # what is left are threads' operations
-                done = self._run_next(items, ran)
-                ran += done
-                async_done = sum(1 for item in items[ran - done : ran] if item.future is None)
-                async_ran += async_done
-                async_left -= async_done
+                item = items[ran]
+                try:
+                    item.outcome = (True, item.run(self._db))
+                except BackgroundTaskError as exc:
+                    item.outcome = (False, exc)
+                ran += 1
+                if item.future is None:
+                    async_ran += 1
+                    async_left -= 1
             raw.execute("COMMIT")
         except BaseException:
             _end_transaction(raw)
             raise
-
-    def _run_next(self, items: list[_Queued[Any]], start: int) -> int:
-        """Run ``items[start]``, together with the operations after it that combine with
-        it (see :class:`Combined`); returns how many ran."""
-        first = items[start]
-        end = start + 1
-        if first.combined is not None:
-            key = first.combined.key
-            while end < len(items) and _combine_key(items[end]) == key:
-                end += 1
-        if end - start == 1:
-            first.outcome = outcome_of(first.run, self._db)
-            return 1
-        group = items[start:end]
-        assert first.combined is not None
-        outcomes = first.combined.run_many(
-            self._db,
-            [item.combined.args for item in group],  # type: ignore[union-attr]
-        )
-        for item, outcome in zip(group, outcomes, strict=True):
-            item.outcome = outcome
-        self.combined += len(group)
-        return len(group)
-
-
-def outcome_of(run: Operation[Any], db: Db) -> Outcome:
-    """Run ``run``; a :class:`BackgroundTaskError` it raises is its outcome (the caller's
-    answer), any other error propagates (the transaction fails)."""
-    try:
-        return (True, run(db))
-    except BackgroundTaskError as exc:
-        return (False, exc)
-
-
-def _combine_key(item: _Queued[Any]) -> Hashable:
-    return None if item.combined is None else item.combined.key
 
 
 def _result(item: _Queued[T]) -> T:
