@@ -41,6 +41,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Module constants for the per-call path: an enum member lookup costs ~70 ns on 3.11.
+_HOT, _WAKEUP = MergeMode.HOT, MergeMode.WAKEUP
+
 MergeCallback = Callable[[BackgroundTask, MergeMode], Awaitable[None] | None]
 OrphanCallback = Callable[[BackgroundTask], Awaitable[None] | None]
 
@@ -306,8 +309,8 @@ class BackgroundTaskHandler:
                 or the result cannot be stored (nothing is written then).
         """
         check_id(task_id, "task_id")
-        mode = MergeMode.HOT if is_main_running else MergeMode.WAKEUP
-        merge_now = mode is MergeMode.HOT and bool(self._merge_callbacks)
+        mode = _HOT if is_main_running else _WAKEUP
+        merge_now = mode is _HOT and bool(self._merge_callbacks)
         task = await self._store.complete(task_id, result, mode, want_task=merge_now)
         logger.debug("background task %r completed: %s merge", task_id, mode)
         if self._state is not None and (node := self._node(task_id)):

@@ -26,6 +26,8 @@ from orbiter.errors import (
 
 __all__ = ["MemoryStore"]
 
+_WAKEUP = MergeMode.WAKEUP  # a module constant: an enum member lookup costs ~70 ns
+
 
 class _Queue:
     """Queued tasks, and beside them each one's place in enqueue order (kept so items a
@@ -87,11 +89,11 @@ class MemoryStore:
             task = self._running_task(task_id)
             task.complete(result)
             task.merge_mode = mode
-            if mode is MergeMode.WAKEUP:
+            if mode is _WAKEUP:
                 self._enqueue(task)
         finally:
             self._lock.release()
-        if mode is MergeMode.WAKEUP:
+        if mode is _WAKEUP:
             self.pending_signal.notify()
         return task
 

@@ -63,6 +63,7 @@ from orbiter.store.worker import CommitWorker, Operation
 __all__ = ["SqlStore"]
 
 logger = logging.getLogger(__name__)
+_WAKEUP = MergeMode.WAKEUP  # a module constant: an enum member lookup costs ~70 ns
 
 #: Items a drain claims per query: bounds its memory whatever the queue's length, and
 #: lets concurrent drains share a long queue.
@@ -277,10 +278,10 @@ class SqlStore:
             queries.complete_task,
             params,
             returning=want_task and held is None,
-            enqueue=mode is MergeMode.WAKEUP,
+            enqueue=mode is _WAKEUP,
         )
         row = await self._worker.acall(operation)
-        if mode is MergeMode.WAKEUP:
+        if mode is _WAKEUP:
             self.pending_signal.notify()
         task = self._finished(task_id, held, row)
         if task is not None:
