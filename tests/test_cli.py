@@ -231,6 +231,12 @@ def test_no_command_is_a_usage_error() -> None:
     fails(code=2)
 
 
+def test_demo_refuses_json_instead_of_ignoring_it(tmp_path: Path) -> None:
+    demo_file = tmp_path / "demo.db"
+    assert "demo does not take --json" in fails("--json", "demo", "--db", demo_file, code=2)
+    assert not demo_file.exists()  # refused before anything ran
+
+
 # -- tasks -----------------------------------------------------------------------------
 
 

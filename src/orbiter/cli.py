@@ -723,7 +723,10 @@ def _configure_logging(verbosity: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``orbiter-bg``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo" and args.json:
+        parser.error("demo does not take --json (its exit status says whether anything was lost)")
     _configure_logging(args.verbose)
     command: Command = args.func
     try:
