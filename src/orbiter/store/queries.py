@@ -1,8 +1,8 @@
 """Every SQL statement the store runs, one named function per operation.
 
-Statements are built once (``functools.cache``) and take their values as bound
-parameters (``:name``), so no value ever becomes SQL text and SQLAlchemy's compiled
-cache is hit on every call.
+Statements are built once (``functools.cache``) and take their values as named bound
+parameters (``bindparam("name")``; :mod:`orbiter.store.executor` binds them in order to
+``?`` placeholders), so no value ever becomes SQL text and each statement compiles once.
 """
 
 from __future__ import annotations
