@@ -1,42 +1,72 @@
 """The executor runs ``queries.py`` statements on a plain ``sqlite3`` connection: values are
-passed by name and bound to the ``?`` placeholders in the statement's order."""
+passed by name and bound to the ``?`` placeholders in the statement's order, together with
+the statement's own constants."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from sqlalchemy import bindparam, select
 
+from orbiter._internal.background import BackgroundTaskHandler
 from orbiter.store import queries
-from orbiter.store.executor import Db
+from orbiter.store.executor import Db, compile_statement
+from orbiter.store.schema import background_tasks
 
 
 @pytest.fixture
-def db() -> Db:
-    connection = sqlite3.connect(":memory:", isolation_level=None)
-    connection.execute("CREATE TABLE background_tasks (task_id TEXT PRIMARY KEY, status TEXT)")
-    connection.execute(
-        "CREATE TABLE pending_queue (seq INTEGER PRIMARY KEY, task_id TEXT UNIQUE, "
-        "enqueued_at TEXT, claimed_by TEXT)"
-    )
-    return Db(connection)
+def db(db_path: Path) -> Iterator[Db]:
+    """The handler's real schema, on a plain connection."""
+    BackgroundTaskHandler(database=db_path).close()
+    connection = sqlite3.connect(db_path, isolation_level=None)
+    yield Db(connection)
+    connection.close()
+
+
+def row(db: Db, task_id: str) -> tuple[object, ...]:
+    sql = "SELECT status, merge_mode, result, created_at, updated_at FROM background_tasks "
+    return tuple(db.raw.execute(sql + "WHERE task_id = ?", (task_id,)).fetchone())
+
+
+def submit(db: Db, task_id: str, now: str) -> int:
+    params = {"owner_id": None, "payload": "{}", "status": "running", "parent_task_id": "run"}
+    return db.changes(queries.insert_task(), {**params, "task_id": task_id, "now": now})
 
 
 def test_named_values_land_in_their_columns_whatever_their_order(db: Db) -> None:
-    db.execute(queries.enqueue(), {"now": "T1", "task_id": "a"})  # not the SQL's order
-    db.execute(queries.enqueue(), {"task_id": "b", "now": "T2"})
-    rows = db.raw.execute("SELECT task_id, enqueued_at FROM pending_queue ORDER BY seq")
-    assert rows.fetchall() == [("a", "T1"), ("b", "T2")]
-    assert db.scalar(queries.max_pending_seq()) == 2  # a statement with no parameters
+    assert submit(db, "a", "T1") == 1
+    # ``:now`` fills two columns (``created_at`` and ``updated_at``).
+    assert row(db, "a") == ("running", None, None, "T1", "T1")
+    db.execute(queries.enqueue(), {"now": "T2", "task_id": "a"})  # not the SQL's order
+    rows = db.raw.execute("SELECT task_id, enqueued_at FROM pending_queue").fetchall()
+    assert rows == [("a", "T2")]
+    assert db.scalar(queries.max_pending_seq()) == 1  # a statement with no parameters
 
 
 def test_a_statements_own_constants_are_bound_too(db: Db) -> None:
-    db.raw.execute("INSERT INTO background_tasks VALUES ('a', 'running'), ('b', 'success')")
-    assert db.scalar(queries.task_status(), {"id": "b"}) == "success"
-    assert db.scalar(queries.task_status(), {"id": "nope"}) is None
+    statement = queries.complete_task(False)
+    assert compile_statement(statement).defaults  # 'success' and the active statuses
+    submit(db, "a", "T1")
+    params = {"result": "7", "merge_mode": "hot", "now": "T2"}
+    assert db.changes(statement, {**params, "id": "a"}) == 1
+    assert row(db, "a") == ("success", "hot", "7", "T1", "T2")
+    # The guard (``status IN ('init', 'running')``, constants too) keeps it done once.
+    assert db.changes(statement, {**params, "id": "a", "result": "8"}) == 0
+    assert row(db, "a")[2] == "7"
 
 
 def test_a_missing_value_is_named_in_the_error(db: Db) -> None:
     with pytest.raises(sqlite3.ProgrammingError, match=":now"):
         db.execute(queries.enqueue(), {"task_id": "a"})
     assert db.raw.execute("SELECT count(*) FROM pending_queue").fetchone() == (0,)
+
+
+def test_a_statement_rendered_per_execution_is_refused_when_compiled() -> None:
+    expanding = select(background_tasks.c.task_id).where(
+        background_tasks.c.task_id.in_(bindparam("ids", expanding=True))
+    )
+    with pytest.raises(ValueError, match="per-execution"):
+        compile_statement(expanding)

@@ -63,6 +63,10 @@ def compile_statement(statement: ClauseElement) -> _Compiled:
     if entry is not None and entry[0] is statement:
         return entry[1]
     compiled = statement.compile(dialect=_DIALECT)
+    if "__[POSTCOMPILE_" in str(compiled):
+        # Expanding (``in_([...])`` of a bindparam) or literal-execute parameters are
+        # rendered per execution by SQLAlchemy, which this executor bypasses.
+        raise ValueError(f"statement needs SQLAlchemy's per-execution rendering: {compiled}")
     defaults = {
         name: bind.effective_value
         for bind, name in compiled.bind_names.items()  # type: ignore[attr-defined]
