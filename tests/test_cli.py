@@ -231,9 +231,12 @@ def test_no_command_is_a_usage_error() -> None:
     fails(code=2)
 
 
-def test_demo_refuses_json_instead_of_ignoring_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_demo_refuses_json_instead_of_ignoring_it(tmp_path: Path, where: str) -> None:
     demo_file = tmp_path / "demo.db"
-    assert "demo does not take --json" in fails("--json", "demo", "--db", demo_file, code=2)
+    args: list[str | Path] = ["demo", "--db", demo_file]
+    args = ["--json", *args] if where == "before" else [*args, "--json"]
+    assert "demo does not take --json" in fails(*args, code=2)
     assert not demo_file.exists()  # refused before anything ran
 
 

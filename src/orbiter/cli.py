@@ -184,6 +184,10 @@ def _add_demo(commands: Subparsers) -> None:
     )
     demo.add_argument("--tasks", type=_int_at_least(2), default=8, help="tasks (default 8)")
     demo.add_argument("--seed", type=int, default=None, help="random seed for the delays")
+    # Accepted here only to be refused by main() with the same message as before "demo".
+    demo.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     demo.set_defaults(func=cmd_demo)
 
 
