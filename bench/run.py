@@ -206,19 +206,22 @@ def _sync_cases(cfg: Config) -> list[Case]:
 #: costs microseconds there, and a case must last a few hundred ms to be measured at all
 #: (at the durable sizes W2 took ~10 ms and W3 ~3 ms, and their ratios swung by 0.1-0.3).
 MEMORY_SCALE = (100, 40, 20)
+#: The most tasks an in-memory case holds (all stay in memory, with their values).
+MEMORY_MAX_N = 500_000
 
 
 def _memory_cases(cfg: Config, subjects: tuple[str, ...]) -> list[Case]:
     """W1-W3 for the in-memory subjects (no file, no level)."""
-    w1, w2, w3 = MEMORY_SCALE
+    durable = (cfg.w1_n, cfg.w2_n, cfg.w3_sizes[0])
+    n1, n2, n3 = (min(n * k, MEMORY_MAX_N) for n, k in zip(durable, MEMORY_SCALE, strict=True))
     cases = []
     for subject in subjects:
         if "w1" in cfg.workloads:
-            cases.append(Case("w1", subject, "-", cfg.w1_n * w1, cfg.reps))
+            cases.append(Case("w1", subject, "-", n1, cfg.reps))
         if "w2" in cfg.workloads:
-            cases.append(Case("w2", subject, "-", cfg.w2_n * w2, cfg.reps, cfg.concurrency[0]))
+            cases.append(Case("w2", subject, "-", n2, cfg.reps, cfg.concurrency[0]))
         if "w3" in cfg.workloads:
-            cases.append(Case("w3", subject, "-", cfg.w3_sizes[0] * w3, cfg.reps))
+            cases.append(Case("w3", subject, "-", n3, cfg.reps))
     return cases
 
 
