@@ -113,20 +113,26 @@ async def test_push_never_overwrites_a_completed_task(durable: BackgroundTaskHan
     assert [t.result async for t in durable.drain_pending()] == [{"secret": 1}]
 
 
+def _settled_threads_and_fds() -> tuple[int, int]:
+    """Threads and open files once every dropped handler (this test's, or one an earlier
+    test left to the garbage collector) has closed itself: its threads gone (5 s at most)."""
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        thread.name.startswith("orbiter-bg") for thread in threading.enumerate()
+    ):
+        time.sleep(0.05)
+    return threading.active_count(), len(os.listdir("/proc/self/fd"))
+
+
 def test_a_dropped_handler_closes_itself(db_path: Path) -> None:
     BackgroundTaskHandler(database=db_path).close()
-    threads = threading.active_count()
-    fds = len(os.listdir("/proc/self/fd"))
+    before = _settled_threads_and_fds()
     for index in range(5):
         handler = BackgroundTaskHandler(database=db_path)
         handler.submit(f"t{index}", "run")
         del handler
-    gc.collect()
-    deadline = time.monotonic() + 5
-    while threading.active_count() > threads and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert threading.active_count() == threads
-    assert len(os.listdir("/proc/self/fd")) == fds
+    assert _settled_threads_and_fds() == before
     with sqlite3.connect(db_path) as connection:
         assert connection.execute("SELECT count(*) = count(closed_at) FROM owners").fetchone() == (
             1,
