@@ -24,7 +24,7 @@ from typing import Any, Self
 from orbiter._internal.state import RunNode, RunNodeStatus, RunState
 from orbiter._internal.task import HOT, WAKEUP, BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
-from orbiter.store import TaskStore
+from orbiter.store import CommittedThenCancelled, TaskStore
 from orbiter.store.codec import Codec, JsonCodec, check_id
 from orbiter.store.engine import Synchronous, resolve_database
 from orbiter.store.memory import MemoryStore
@@ -195,6 +195,8 @@ class BackgroundTaskHandler:
             )
         self._state = state
         self._merge_callbacks: list[MergeCallback] = []
+        #: Hot merges of stored results whose handle_result was cancelled (see there).
+        self._detached_merges: set[asyncio.Task[None]] = set()
         self._store: TaskStore
         if database is None:
             self._store = MemoryStore()
@@ -225,6 +227,10 @@ class BackgroundTaskHandler:
 
     async def aclose(self) -> None:
         """Finish queued writes and release the database. Safe to call twice."""
+        loop = asyncio.get_running_loop()
+        merges = [merge for merge in self._detached_merges if merge.get_loop() is loop]
+        if merges:  # their callbacks may still use the handler
+            await asyncio.gather(*merges, return_exceptions=True)
         await self._store.aclose()
 
     def close(self) -> None:
@@ -298,6 +304,12 @@ class BackgroundTaskHandler:
         still running. Durable handlers have committed the result (and its queue entry)
         before the callbacks run.
 
+        Cancelling the call before a durable handler has started its write stores
+        nothing. Once the write has started, the cancellation waits for its commit (at
+        most one or two), the task then shows the result, and a hot merge's ``on_merge``
+        callbacks still run, in a task of their own, so the merge is not lost and the
+        cancellation is not held up by them (``aclose`` waits for them).
+
         Returns:
             The ``MergeMode`` that was applied.
 
@@ -308,10 +320,16 @@ class BackgroundTaskHandler:
         check_id(task_id, "task_id")
         mode = HOT if is_main_running else WAKEUP
         merge_now = mode is HOT and bool(self._merge_callbacks)
-        task = await self._store.complete(task_id, result, mode, want_task=merge_now)
+        try:
+            task = await self._store.complete(task_id, result, mode, want_task=merge_now)
+        except CommittedThenCancelled as committed:
+            self._succeeded(task_id)
+            if merge_now:
+                self._merge_detached(committed.result, mode)
+            raise asyncio.CancelledError(*committed.args) from None
         logger.debug("background task %r completed: %s merge", task_id, mode)
-        if self._state is not None and (node := self._node(task_id)):
-            node.succeed()
+        if self._state is not None:  # checked here too: this is the per-call path
+            self._succeeded(task_id)
         if merge_now:
             assert task is not None
             await self._notify_merge(task, mode)
@@ -448,6 +466,18 @@ class BackgroundTaskHandler:
     def _node(self, task_id: str) -> RunNode | None:
         """The run-state node tracking ``task_id`` (``"bg:<task_id>"``), if any."""
         return None if self._state is None else self._state.find_node(f"bg:{task_id}")
+
+    def _merge_detached(self, task: BackgroundTask, mode: MergeMode) -> None:
+        """Run the merge callbacks of ``task`` in a task of their own (its caller is gone)."""
+        logger.debug("handle_result of %r was cancelled once stored; merging apart", task.task_id)
+        merge = asyncio.get_running_loop().create_task(self._notify_merge(task, mode))
+        self._detached_merges.add(merge)
+        merge.add_done_callback(self._detached_merges.discard)
+
+    def _succeeded(self, task_id: str) -> None:
+        """Mark the run-state node of ``task_id`` SUCCESS, if there is one."""
+        if self._state is not None and (node := self._node(task_id)):
+            node.succeed()
 
     def _mark_node(self, task: BackgroundTask) -> None:
         node = self._node(task.task_id)

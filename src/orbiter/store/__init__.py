@@ -8,6 +8,7 @@ and :class:`~orbiter.store.sql_store.SqlStore` (a SQLite file, durable on return
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Collection
 from typing import Any, Protocol
 
@@ -15,7 +16,22 @@ from orbiter._internal.signal import Signal
 from orbiter._internal.state import RunNodeStatus
 from orbiter._internal.task import BackgroundTask, MergeMode
 
-__all__ = ["TaskStore"]
+__all__ = ["CommittedThenCancelled", "TaskStore"]
+
+
+class CommittedThenCancelled(asyncio.CancelledError):
+    """A call was cancelled after its write had started, and the write then committed.
+
+    ``result`` is what the call would have returned. The commit worker raises it (when
+    asked) with the operation's result; a durable store's :meth:`TaskStore.complete`
+    raises it with the task (or None) once its objects show the result. The handler
+    turns it back into a plain ``CancelledError`` before it leaves the library
+    (``asyncio.timeout`` recognises only that exact type).
+    """
+
+    def __init__(self, cancelled: asyncio.CancelledError, result: Any) -> None:
+        super().__init__(*cancelled.args)
+        self.result = result
 
 
 class TaskStore(Protocol):
@@ -35,7 +51,9 @@ class TaskStore(Protocol):
         """Record the task's result (queueing it when ``mode`` is WAKEUP).
 
         Returns the task; a store may return None instead when ``want_task`` is False
-        (building the object has a cost the caller does not need to pay).
+        (building the object has a cost the caller does not need to pay). A caller
+        cancelled while the write is under way gets :class:`CommittedThenCancelled` if
+        it committed, a plain ``CancelledError`` if it never started.
         """
         ...
 

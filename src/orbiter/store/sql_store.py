@@ -37,7 +37,7 @@ from orbiter.errors import (
     TaskNotFoundError,
 )
 from orbiter.migrate import ensure_schema
-from orbiter.store import queries
+from orbiter.store import CommittedThenCancelled, queries
 from orbiter.store.codec import (
     TIMESTAMP_FORMAT,
     Codec,
@@ -279,7 +279,22 @@ class SqlStore:
             returning=want_task and held is None,
             enqueue=mode is WAKEUP,
         )
-        row = await self._worker.acall(operation)
+        try:
+            row = await self._worker.acall(operation, report_committed=True)
+        except CommittedThenCancelled as committed:
+            committed.result = self._completed(task_id, held, committed.result, result, mode)
+            raise
+        return self._completed(task_id, held, row, result, mode)
+
+    def _completed(
+        self,
+        task_id: str,
+        held: BackgroundTask | None,
+        row: TaskRow | None,
+        result: Any,
+        mode: MergeMode,
+    ) -> BackgroundTask | None:
+        """After a completion committed: wake waiters and update the object held."""
         if mode is WAKEUP:
             self.pending_signal.notify()
         task = self._finished(task_id, held, row)

@@ -21,6 +21,10 @@ Operations must not write before raising a :class:`BackgroundTaskError` (they ch
 guarded statements first); such an error is the caller's answer and the batch goes on. Any
 other error rolls the batch back, and its operations are retried one per transaction so
 only the faulty one fails.
+
+Cancelling an async caller withdraws its operation if the worker has not taken it yet;
+once taken, the operation runs to its end and the cancellation reaches the caller after
+it (see :class:`_Waiter`), so a cancelled call never leaves its effect unknown.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Engine
 
 from orbiter.errors import BackgroundTaskError, HandlerClosedError
+from orbiter.store import CommittedThenCancelled
 from orbiter.store.codec import utc_now_text
 from orbiter.store.executor import Db
 
@@ -57,6 +62,28 @@ MAKE_WAY_AFTER = 8
 
 Operation = Callable[[Db], T]
 
+#: Taken by whoever decides an async operation's fate: the worker starting it, or the
+#: caller's cancellation withdrawing it (see :class:`_Waiter`).
+_START_LOCK = threading.Lock()
+
+
+class _Waiter(asyncio.Future[Any]):
+    """An async caller's answer, which cannot be cancelled once its operation started.
+
+    ``Task.cancel()`` cancels the future its task awaits. Before the worker takes the
+    operation that withdraws it (the worker skips cancelled waiters); afterwards this
+    refuses, so asyncio lets the operation finish, answers the waiter and only then
+    raises ``CancelledError`` in the caller, which can still read the outcome here.
+    """
+
+    started = False  # set (under _START_LOCK) when the worker takes the operation
+
+    def cancel(self, msg: Any = None) -> bool:
+        with _START_LOCK:
+            if self.started:
+                return False
+            return super().cancel(msg)
+
 
 @dataclass(slots=True, eq=False)
 class _Queued(Generic[T]):
@@ -67,15 +94,23 @@ class _Queued(Generic[T]):
     writes: bool
     relaxed: bool
     future: Future[T] | None = None
-    waiter: asyncio.Future[T] | None = None
+    waiter: _Waiter | None = None
     outcome: tuple[bool, Any] = (False, None)
     urgent: bool = False  # a blocked thread's, queued at the front
 
     def wanted(self) -> bool:
-        """False if the caller gave up (cancelled) before the operation started."""
+        """False if the caller gave up (cancelled) before the operation started; once
+        this has returned True, the caller can no longer withdraw it."""
         if self.future is not None:
             return self.future.set_running_or_notify_cancel()
-        return self.waiter is None or not self.waiter.cancelled()
+        waiter = self.waiter
+        if waiter is None:
+            return True
+        with _START_LOCK:
+            if waiter.cancelled():
+                return False
+            waiter.started = True
+            return True
 
 
 class CommitWorker:
@@ -243,7 +278,14 @@ class CommitWorker:
             return _result(done)
         return self.submit(run, writes=writes, relaxed=relaxed).result()
 
-    async def acall(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
+    async def acall(
+        self,
+        run: Operation[T],
+        *,
+        writes: bool = True,
+        relaxed: bool = False,
+        report_committed: bool = False,
+    ) -> T:
         """Run ``run`` and return once it has committed.
 
         Reads and relaxed writes (no fsync) run inline when the connection is idle (reads
@@ -252,14 +294,19 @@ class CommitWorker:
         a lone one commits inline if the connection is idle (blocking the loop for one
         commit, as a sync call does); several, or any while the worker is busy, go to the
         worker thread, where they share one commit and the loop does not wait.
+
+        If the caller is cancelled before the worker takes the operation, it never runs;
+        after that, the cancellation is raised once the operation has finished, as a
+        :class:`CommittedThenCancelled` carrying its result if ``report_committed`` and
+        the operation succeeded.
         """
         if not writes or relaxed:
             done = self._run_now(run, writes, relaxed)
             if done is not None:
                 return _result(done)
-            return await self._handoff(run, writes, relaxed)
+            return await self._handoff(run, writes, relaxed, report_committed)
         loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[T] = loop.create_future()
+        waiter = _Waiter(loop=loop)
         staged = self._staged.get(loop)
         if staged is None:
             if self._closed:
@@ -269,7 +316,10 @@ class CommitWorker:
         staged.append(_Queued(run, writes, relaxed, waiter=waiter))
         self._async_writes += 1
         try:
-            return await waiter
+            return await waiter  # type: ignore[no-any-return]
+        except asyncio.CancelledError as cancelled:
+            _report(waiter, cancelled, report_committed)
+            raise
         finally:
             self._async_writes -= 1
 
@@ -290,10 +340,17 @@ class CommitWorker:
                 if item.waiter is not None and not item.waiter.done():
                     item.waiter.set_exception(exc)
 
-    async def _handoff(self, run: Operation[T], writes: bool, relaxed: bool) -> T:
-        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    async def _handoff(
+        self, run: Operation[T], writes: bool, relaxed: bool, report_committed: bool = False
+    ) -> T:
+        """Queue ``run`` for the worker thread and wait for its answer."""
+        waiter = _Waiter(loop=asyncio.get_running_loop())
         self._enqueue(_Queued(run, writes, relaxed, waiter=waiter))
-        return await waiter
+        try:
+            return await waiter  # type: ignore[no-any-return]
+        except asyncio.CancelledError as cancelled:
+            _report(waiter, cancelled, report_committed)
+            raise
 
     def close(self) -> None:
         """Finish what is queued, then close the connection and stop the thread."""
@@ -451,6 +508,14 @@ class CommitWorker:
         except BaseException:
             _end_transaction(raw)
             raise
+
+
+def _report(waiter: _Waiter, cancelled: asyncio.CancelledError, report_committed: bool) -> None:
+    """On a caller's cancellation: raise :class:`CommittedThenCancelled` if asked to and
+    the operation ran and succeeded (the caller then re-raises ``cancelled`` otherwise)."""
+    ran = waiter.done() and not waiter.cancelled()
+    if report_committed and ran and waiter.exception() is None:
+        raise CommittedThenCancelled(cancelled, waiter.result()) from None
 
 
 def _result(item: _Queued[T]) -> T:

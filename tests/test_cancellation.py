@@ -1,0 +1,230 @@
+"""Cancelling ``handle_result``: a call either stores nothing or takes its whole effect
+(the object, the run-state node, the file, and a hot merge's callbacks).
+
+A durable write the commit worker has started cannot be taken back; its caller's
+cancellation then waits for the commit, and the handler's objects, the run state and the
+file agree on the outcome. The tests hold a write "started" on purpose with a slow
+SQLite function called by a temporary trigger on the handler's own connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler, MergeMode
+from orbiter._internal.state import RunNodeStatus, RunState
+from orbiter.errors import BackgroundTaskError
+
+
+def slow_completions(handler: BackgroundTaskHandler, seconds: float) -> threading.Event:
+    """Make every completion's UPDATE take ``seconds`` inside the worker's transaction;
+    the event is set when the first one is under way."""
+    raw: sqlite3.Connection = handler._store._worker._db.raw  # type: ignore[attr-defined]
+    started = threading.Event()
+
+    def slow() -> int:
+        started.set()
+        time.sleep(seconds)
+        return 0
+
+    raw.create_function("orbiter_test_slow", 0, slow)
+    raw.execute(
+        "CREATE TEMP TRIGGER slow_completion AFTER UPDATE OF status ON background_tasks "
+        "BEGIN SELECT orbiter_test_slow(); END"
+    )
+    return started
+
+
+def stored_statuses(path: Path) -> dict[str, str]:
+    """Every task's status as another connection reads it from the file."""
+    with sqlite3.connect(path) as connection:
+        return dict(connection.execute("SELECT task_id, status FROM background_tasks"))
+
+
+def pending_ids(path: Path) -> list[str]:
+    with sqlite3.connect(path) as connection:
+        return [row[0] for row in connection.execute("SELECT task_id FROM pending_queue")]
+
+
+async def next_turns(count: int = 3) -> None:
+    """Let tasks the handler started (detached merges) run."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+async def test_cancel_after_the_write_started_stores_it_and_the_objects_show_it(
+    db_path: Path,
+) -> None:
+    state = RunState("agent")
+    handler = BackgroundTaskHandler(state, database=db_path)
+    merged: list[str] = []
+
+    async def on_merge(task: BackgroundTask, mode: MergeMode) -> None:
+        merged.append(task.task_id)
+
+    handler.on_merge(on_merge)
+    submitted = {task_id: handler.submit(task_id, "run") for task_id in ("hot", "wake")}
+    started = slow_completions(handler, 0.2)
+    calls = [
+        asyncio.ensure_future(handler.handle_result("hot", {"v": 1}, is_main_running=True)),
+        asyncio.ensure_future(handler.handle_result("wake", {"v": 2}, is_main_running=False)),
+    ]
+    assert await asyncio.to_thread(started.wait, 10), "the worker never started the writes"
+    for call in calls:
+        call.cancel()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert [type(outcome) for outcome in outcomes] == [asyncio.CancelledError] * 2
+    # Both writes had started (one batch), so both are stored, and everything agrees.
+    assert stored_statuses(db_path) == {"hot": "success", "wake": "success"}
+    assert pending_ids(db_path) == ["wake"]
+    for task_id, value in (("hot", 1), ("wake", 2)):
+        task = submitted[task_id]
+        assert task.status is RunNodeStatus.SUCCESS
+        assert task.result == {"v": value}
+        assert handler.get_task(task_id) is task
+        node = state.find_node(f"bg:{task_id}")
+        assert node is not None and node.status is RunNodeStatus.SUCCESS
+    assert submitted["hot"].merge_mode is MergeMode.HOT
+    assert submitted["wake"].merge_mode is MergeMode.WAKEUP
+    assert handler.pending_queue.size == 1
+    # The stored hot result is still merged (apart from its cancelled caller); the
+    # wake-up one waits for its drain.
+    await next_turns()
+    assert merged == ["hot"]
+    # A retried delivery is refused, as for any completed task.
+    with pytest.raises(BackgroundTaskError, match="already completed"):
+        await handler.handle_result("hot", {"v": 1})
+    # The wake-up merge is still to come, with its callback.
+    drained = [task.task_id async for task in handler.drain_pending()]
+    assert drained == ["wake"] and merged == ["hot", "wake"]
+    await handler.aclose()
+
+
+async def test_a_timeout_around_a_started_write_raises_timeout_error(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    handler.submit("a", "run")
+    task = handler.submit("b", "run")
+    slow_completions(handler, 0.15)
+    other = asyncio.ensure_future(handler.handle_result("a", 1, is_main_running=False))
+    with pytest.raises(TimeoutError):  # not a CancelledError leaking out of asyncio.timeout
+        async with asyncio.timeout(0.05):
+            await handler.handle_result("b", 2, is_main_running=False)
+    assert await other is MergeMode.WAKEUP
+    assert stored_statuses(db_path) == {"a": "success", "b": "success"}
+    assert task.status is RunNodeStatus.SUCCESS and task.result == 2
+    assert handler.get_task("b") is task
+    await handler.aclose()
+
+
+async def test_cancel_before_the_write_started_stores_nothing(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    task = handler.submit("t", "run")
+    for blocker in ("b1", "b2"):
+        handler.submit(blocker, "run")
+    started = slow_completions(handler, 0.2)
+    # Two calls in one loop turn go to the worker, which is then busy for 0.4 s...
+    blockers = [asyncio.ensure_future(handler.handle_result(b, 0)) for b in ("b1", "b2")]
+    assert await asyncio.to_thread(started.wait, 10)
+    # ... so this one waits in its queue, not taken yet, when it is cancelled.
+    waiting = asyncio.ensure_future(handler.handle_result("t", 1, is_main_running=False))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await asyncio.gather(*blockers)
+    assert stored_statuses(db_path)["t"] == "running"
+    assert task.status is RunNodeStatus.RUNNING
+    assert pending_ids(db_path) == []
+    # Nothing happened, so the result can still be delivered.
+    assert await handler.handle_result("t", 1, is_main_running=False) is MergeMode.WAKEUP
+    done = handler.get_task("t")
+    assert done is task and done.status is RunNodeStatus.SUCCESS
+    await handler.aclose()
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.0005, 0.002, 0.01])
+async def test_many_cancelled_results_each_take_all_or_nothing(
+    make_handler: Callable[..., BackgroundTaskHandler],
+    backend: str,
+    db_path: Path,
+    delay: float,
+) -> None:
+    state = RunState("agent", max_nodes=1_000)
+    handler = make_handler(state=state)
+    merged: set[str] = set()
+
+    async def on_merge(task: BackgroundTask, mode: MergeMode) -> None:
+        merged.add(task.task_id)
+
+    handler.on_merge(on_merge)
+    count = 300
+    ids = [f"t{index}" for index in range(count)]
+    submitted = {task_id: handler.submit(task_id, "run") for task_id in ids}
+    calls = {
+        task_id: asyncio.ensure_future(
+            handler.handle_result(task_id, index, is_main_running=index % 2 == 0)
+        )
+        for index, task_id in enumerate(ids)
+    }
+    await asyncio.sleep(delay)
+    for call in calls.values():
+        call.cancel()
+    await asyncio.gather(*calls.values(), return_exceptions=True)
+    await next_turns()
+
+    on_file = stored_statuses(db_path) if backend == "sqlite" else None
+    queued = set(pending_ids(db_path)) if backend == "sqlite" else None
+    for index, task_id in enumerate(ids):
+        task, call = submitted[task_id], calls[task_id]
+        node = state.find_node(f"bg:{task_id}")
+        assert node is not None
+        if task.status is RunNodeStatus.RUNNING:  # nothing happened
+            assert call.cancelled()
+            assert node.status is RunNodeStatus.RUNNING
+            assert on_file is None or on_file[task_id] == "running"
+            assert task_id not in merged
+        else:  # the whole effect, a hot merge's callbacks included
+            assert task.status is RunNodeStatus.SUCCESS and task.result == index
+            assert node.status is RunNodeStatus.SUCCESS
+            assert on_file is None or on_file[task_id] == "success"
+            assert (task_id in merged) == (index % 2 == 0)
+        wakeup = task.status is RunNodeStatus.SUCCESS and index % 2 == 1
+        assert queued is None or (task_id in queued) == wakeup
+    # What stored nothing can still be delivered; what was stored completes once.
+    for index, task_id in enumerate(ids):
+        if submitted[task_id].status is RunNodeStatus.RUNNING:
+            await handler.handle_result(task_id, index)
+            assert submitted[task_id].status is RunNodeStatus.SUCCESS
+        else:
+            with pytest.raises(BackgroundTaskError, match="already completed"):
+                await handler.handle_result(task_id, index)
+
+
+async def test_aclose_waits_for_the_merge_of_a_cancelled_hot_result(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    merged: list[str] = []
+
+    async def slow_merge(task: BackgroundTask, mode: MergeMode) -> None:
+        await asyncio.sleep(0.1)
+        merged.append(task.task_id)
+
+    handler.on_merge(slow_merge)
+    for task_id in ("a", "b"):
+        handler.submit(task_id, "run")
+    started = slow_completions(handler, 0.05)
+    calls = [asyncio.ensure_future(handler.handle_result(t, t)) for t in ("a", "b")]
+    assert await asyncio.to_thread(started.wait, 10)
+    for call in calls:
+        call.cancel()
+    await asyncio.gather(*calls, return_exceptions=True)
+    assert all(call.cancelled() for call in calls)
+    await handler.aclose()
+    assert sorted(merged) == ["a", "b"]
