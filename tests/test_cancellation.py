@@ -228,3 +228,84 @@ async def test_aclose_waits_for_the_merge_of_a_cancelled_hot_result(db_path: Pat
     assert all(call.cancelled() for call in calls)
     await handler.aclose()
     assert sorted(merged) == ["a", "b"]
+
+
+def slow_claims(handler: BackgroundTaskHandler, seconds: float) -> threading.Event:
+    """Make every claim of a pending item take ``seconds``; the event is set at the first."""
+    raw: sqlite3.Connection = handler._store._worker._db.raw  # type: ignore[attr-defined]
+    started = threading.Event()
+
+    def slow() -> int:
+        started.set()
+        time.sleep(seconds)
+        return 0
+
+    raw.create_function("orbiter_test_slow_claim", 0, slow)
+    raw.execute(
+        "CREATE TEMP TRIGGER slow_claim AFTER UPDATE OF claimed_by ON pending_queue "
+        "WHEN NEW.claimed_by IS NOT NULL BEGIN SELECT orbiter_test_slow_claim(); END"
+    )
+    return started
+
+
+def held_items(path: Path) -> int:
+    with sqlite3.connect(path) as connection:
+        query = "SELECT count(*) FROM pending_queue WHERE claimed_by IS NOT NULL"
+        return int(connection.execute(query).fetchone()[0])
+
+
+async def test_a_restore_cancelled_while_its_claim_commits_leaves_the_items_free(
+    db_path: Path,
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    for index in range(3):
+        handler.submit(f"w{index}", "run")
+        await handler.handle_result(f"w{index}", index, is_main_running=False)
+    for blocker in ("b1", "b2"):
+        handler.submit(blocker, "run")
+    busy = slow_completions(handler, 0.1)
+    claiming = slow_claims(handler, 0.05)
+    # Keep the worker busy so the restore's claim goes to it (not inline on the loop).
+    blockers = [asyncio.ensure_future(handler.handle_result(b, 0)) for b in ("b1", "b2")]
+    assert await asyncio.to_thread(busy.wait, 10)
+    entered: list[list[BackgroundTask]] = []
+
+    async def restore() -> None:
+        async with handler.restore_pending() as results:
+            entered.append(results)
+
+    restoring = asyncio.ensure_future(restore())
+    assert await asyncio.to_thread(claiming.wait, 10), "the claim never started"
+    restoring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restoring
+    await asyncio.gather(*blockers)
+    assert entered == []
+    # The claim committed, but nobody would ever settle it: it was released.
+    assert held_items(db_path) == 0
+    assert [task.task_id async for task in handler.drain_pending()] == ["w0", "w1", "w2"]
+    await handler.aclose()
+
+
+async def test_a_restore_cancelled_inside_its_block_keeps_every_item(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    for index in range(3):
+        handler.submit(f"w{index}", "run")
+        await handler.handle_result(f"w{index}", index, is_main_running=False)
+    inside = asyncio.Event()
+
+    async def restore() -> None:
+        async with handler.restore_pending() as results:
+            assert len(results) == 3
+            inside.set()
+            await asyncio.sleep(10)
+
+    restoring = asyncio.ensure_future(restore())
+    await inside.wait()
+    restoring.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await restoring
+    assert held_items(db_path) == 0
+    assert handler.pending_queue.size == 3
+    assert [task.task_id async for task in handler.drain_pending()] == ["w0", "w1", "w2"]
+    await handler.aclose()

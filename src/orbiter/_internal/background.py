@@ -399,14 +399,15 @@ class BackgroundTaskHandler:
             check_id(parent_task_id, "parent_task_id")
         await _let_abandoned_drains_finish()
         claimer, tasks = await self._store.claim_batch(parent_task_id)
+        merged = False
         try:
             for task in tasks:
                 await self._notify_merge(task, MergeMode.WAKEUP)
             yield tasks
-        except BaseException:
-            await self._store.settle_batch(claimer, merged=False)
-            raise
-        await self._store.settle_batch(claimer, merged=True)
+            merged = True
+        finally:
+            # Synchronous: a cancellation arriving now cannot leave the batch claimed.
+            self._store.settle_batch(claimer, merged=merged)
 
     async def recover_orphans(
         self,

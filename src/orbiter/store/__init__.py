@@ -95,8 +95,11 @@ class TaskStore(Protocol):
         """Claim every free queued task (of one parent, or all); return a claim token."""
         ...
 
-    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
-        """Remove (``merged``) or free every task claimed under ``claimer``."""
+    def settle_batch(self, claimer: str, *, merged: bool) -> None:
+        """Remove (``merged``) or free every task claimed under ``claimer``.
+
+        Synchronous so that a cancellation cannot stop it half way: the claim must end.
+        """
         ...
 
     async def recover_orphans(

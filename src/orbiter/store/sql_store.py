@@ -433,29 +433,44 @@ class SqlStore:
                         partial(self._acknowledge, claimer, after), relaxed=True
                     )
         finally:
-            # Stopped early (the consumer raised or broke off): free what we still hold.
+            # Stopped early (the consumer raised or broke off, or was cancelled, perhaps
+            # while a claim committed): free what we hold, synchronously so a further
+            # cancellation cannot leave items held by a drain that is over.
             if not self._worker.closed:
-                await self._worker.acall(partial(self._release, claimer), relaxed=True)
+                self._release_now(claimer)
 
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         """Claim every free pending item (of one parent), for an all-or-nothing merge."""
         claimer = self._new_claimer()
-        rows = await self._worker.acall(
-            partial(
-                self._claim, claimer=claimer, parent=parent_task_id, after=0, upto=None, limit=-1
-            ),
-            relaxed=CLAIMS_ARE_RELAXED,
-        )
+        try:
+            rows = await self._worker.acall(
+                partial(
+                    self._claim,
+                    claimer=claimer,
+                    parent=parent_task_id,
+                    after=0,
+                    upto=None,
+                    limit=-1,
+                ),
+                relaxed=CLAIMS_ARE_RELAXED,
+            )
+        except asyncio.CancelledError:  # the claim may have committed: nobody would end it
+            self._release_now(claimer)
+            raise
         return claimer, [self._task_from_row(row[1:]) for row in rows]
 
-    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
+    def settle_batch(self, claimer: str, *, merged: bool) -> None:
         """Acknowledge (``merged``) or release every item of a claimed batch."""
         if merged:
-            await self._worker.acall(
+            self._worker.call(
                 lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             )
         else:
-            await self._worker.acall(partial(self._release, claimer), relaxed=True)
+            self._release_now(claimer)
+
+    def _release_now(self, claimer: str) -> None:
+        """Free every item ``claimer`` holds (a relaxed commit, on the calling thread)."""
+        self._worker.call(partial(self._release, claimer), relaxed=True)
 
     # -- claims ----------------------------------------------------------------------
 
