@@ -21,16 +21,17 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncGenerator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from unittest import mock
 
 import pytest
 
-from orbiter._internal.background import BackgroundTaskHandler
+from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler
 from orbiter.cli import main
 from orbiter.migrate import downgrade
 from orbiter.store.codec import TIMESTAMP_FORMAT
@@ -388,12 +389,33 @@ def test_pending(db: Path) -> None:
         "enqueued_at",
         "result",
         "error",
+        "held_by",
+        "held_since",
     ]
+    assert [item["held_by"] for item in items] == [None, None, None]
     assert [item["seq"] for item in items] == sorted(item["seq"] for item in items)
     assert items[0]["result"] == {"value": "A2", "text": "ok"}
     only_b = ok_json("pending", "--db", db, "--parent", "run-b")
     assert [item["task_id"] for item in only_b["pending"]] == ["b1"] and only_b["total"] == 1
     assert "a2" in ok("pending", "--db", db)
+
+
+async def test_pending_shows_which_drain_holds_an_item(db: Path) -> None:
+    handler = BackgroundTaskHandler(database=db)
+    owner_id = handler._store.identity.owner_id  # type: ignore[attr-defined]
+    # (an async generator, typed as the spec's AsyncIterator)
+    drain = cast(AsyncGenerator[BackgroundTask, None], handler.drain_pending())
+    first = await anext(drain)  # the drain holds its whole batch (all three) from here
+    held = ok_json("pending", "--db", db)["pending"]
+    assert first.task_id == held[0]["task_id"]
+    assert {item["held_by"] for item in held} == {f"{owner_id}/1"}
+    assert all(item["held_since"].endswith("Z") for item in held)
+    assert "held by" in ok("pending", "--db", db)
+    await drain.aclose()  # stopped early: the item in hand and the rest are free again
+    free = ok_json("pending", "--db", db)["pending"]
+    assert [item["held_by"] for item in free] == [None, None, None]
+    assert "held by" not in ok("pending", "--db", db)
+    await handler.aclose()
 
 
 def test_a_file_name_that_is_not_utf8(db: Path) -> None:

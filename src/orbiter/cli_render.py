@@ -172,6 +172,8 @@ def pending_item(row: Mapping[Any, Any]) -> dict[str, Any]:
         "enqueued_at": iso_time(row["enqueued_at"]),
         "result": decode(row["result"]),
         "error": row["error"],
+        "held_by": row["claimed_by"],
+        "held_since": iso_time(row["claimed_at"]),
     }
 
 
@@ -220,17 +222,22 @@ def tasks_table(items: Sequence[Mapping[Any, Any]], caption: str) -> Table:
 def pending_table(items: Sequence[Mapping[Any, Any]], caption: str) -> Table:
     """The ``pending`` listing (also used by ``drain``)."""
     table = Table(caption=caption, caption_justify="left", box=box.SIMPLE_HEAD, show_edge=False)
-    for name in ("seq", "task", "parent", "status", "queued (UTC)", "result"):
+    held = any(item.get("held_by") for item in items)  # the column only when a drain holds one
+    names = ("seq", "task", "parent", "status", "queued (UTC)", "result")
+    for name in (*names, "held by") if held else names:
         table.add_column(name, overflow="fold")
     for item in items:
-        table.add_row(
+        cells: list[Any] = [
             safe(item.get("seq", "")),
             safe(item["task_id"]),
             safe(item["parent_task_id"]),
             status_text(item["status"]),
             safe(human_time(_stored(item.get("enqueued_at")))),
             compact_json(item["result"]) if item["error"] is None else safe(item["error"]),
-        )
+        ]
+        if held:
+            cells.append(safe(item.get("held_by") or ""))
+        table.add_row(*cells)
     return table
 
 

@@ -132,6 +132,8 @@ def _pending_columns() -> tuple[Any, ...]:
         pending.c.enqueued_at,
         tasks.c.result,
         tasks.c.error,
+        pending.c.claimed_by,
+        pending.c.claimed_at,
     )
 
 
