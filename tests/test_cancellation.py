@@ -59,8 +59,9 @@ async def next_turns(count: int = 3) -> None:
         await asyncio.sleep(0)
 
 
-async def test_cancel_after_the_write_started_stores_it_and_the_objects_show_it(
-    db_path: Path,
+@pytest.mark.parametrize("hot", [True, False], ids=["hot", "wakeup"])
+async def test_cancel_once_a_write_started_stores_it_and_withdraws_the_rest(
+    db_path: Path, hot: bool
 ) -> None:
     state = RunState("agent")
     handler = BackgroundTaskHandler(state, database=db_path)
@@ -70,41 +71,44 @@ async def test_cancel_after_the_write_started_stores_it_and_the_objects_show_it(
         merged.append(task.task_id)
 
     handler.on_merge(on_merge)
-    submitted = {task_id: handler.submit(task_id, "run") for task_id in ("hot", "wake")}
+    first, second = handler.submit("first", "run"), handler.submit("second", "run")
     started = slow_completions(handler, 0.2)
+    # One batch: "first" is running (held in the slow trigger) when both are cancelled,
+    # "second" has not started.
     calls = [
-        asyncio.ensure_future(handler.handle_result("hot", {"v": 1}, is_main_running=True)),
-        asyncio.ensure_future(handler.handle_result("wake", {"v": 2}, is_main_running=False)),
+        asyncio.ensure_future(handler.handle_result("first", {"v": 1}, is_main_running=hot)),
+        asyncio.ensure_future(handler.handle_result("second", {"v": 2}, is_main_running=hot)),
     ]
-    assert await asyncio.to_thread(started.wait, 10), "the worker never started the writes"
+    assert await asyncio.to_thread(started.wait, 10), "the worker never started the write"
     for call in calls:
         call.cancel()
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    await next_turns()
 
     assert [type(outcome) for outcome in outcomes] == [asyncio.CancelledError] * 2
-    # Both writes had started (one batch), so both are stored, and everything agrees.
-    assert stored_statuses(db_path) == {"hot": "success", "wake": "success"}
-    assert pending_ids(db_path) == ["wake"]
-    for task_id, value in (("hot", 1), ("wake", 2)):
-        task = submitted[task_id]
-        assert task.status is RunNodeStatus.SUCCESS
-        assert task.result == {"v": value}
-        assert handler.get_task(task_id) is task
-        node = state.find_node(f"bg:{task_id}")
-        assert node is not None and node.status is RunNodeStatus.SUCCESS
-    assert submitted["hot"].merge_mode is MergeMode.HOT
-    assert submitted["wake"].merge_mode is MergeMode.WAKEUP
-    assert handler.pending_queue.size == 1
-    # The stored hot result is still merged (apart from its cancelled caller); the
-    # wake-up one waits for its drain.
-    await next_turns()
-    assert merged == ["hot"]
-    # A retried delivery is refused, as for any completed task.
+    # The started write is stored, and the object, the node and the file agree.
+    assert stored_statuses(db_path) == {"first": "success", "second": "running"}
+    assert first.status is RunNodeStatus.SUCCESS and first.result == {"v": 1}
+    assert first.merge_mode is (MergeMode.HOT if hot else MergeMode.WAKEUP)
+    assert handler.get_task("first") is first
+    node = state.find_node("bg:first")
+    assert node is not None and node.status is RunNodeStatus.SUCCESS
+    # A stored hot result is still merged, apart from its cancelled caller; a wake-up
+    # one is queued for its drain.
+    assert merged == (["first"] if hot else [])
+    assert pending_ids(db_path) == ([] if hot else ["first"])
+    # The withdrawn one left no trace.
+    assert second.status is RunNodeStatus.RUNNING
+    node = state.find_node("bg:second")
+    assert node is not None and node.status is RunNodeStatus.RUNNING
+    # A retried delivery: refused for the stored one, accepted for the withdrawn one.
     with pytest.raises(BackgroundTaskError, match="already completed"):
-        await handler.handle_result("hot", {"v": 1})
-    # The wake-up merge is still to come, with its callback.
+        await handler.handle_result("first", {"v": 1}, is_main_running=hot)
+    await handler.handle_result("second", {"v": 2}, is_main_running=hot)
+    assert handler.get_task("second") is second and second.is_complete
     drained = [task.task_id async for task in handler.drain_pending()]
-    assert drained == ["wake"] and merged == ["hot", "wake"]
+    assert drained == ([] if hot else ["first", "second"])
+    assert merged == ["first", "second"]
     await handler.aclose()
 
 
@@ -227,7 +231,7 @@ async def test_aclose_waits_for_the_merge_of_a_cancelled_hot_result(db_path: Pat
     await asyncio.gather(*calls, return_exceptions=True)
     assert all(call.cancelled() for call in calls)
     await handler.aclose()
-    assert sorted(merged) == ["a", "b"]
+    assert merged == ["a"]  # "b" had not started: withdrawn
 
 
 def slow_claims(handler: BackgroundTaskHandler, seconds: float) -> threading.Event:
@@ -308,4 +312,45 @@ async def test_a_restore_cancelled_inside_its_block_keeps_every_item(db_path: Pa
     assert held_items(db_path) == 0
     assert handler.pending_queue.size == 3
     assert [task.task_id async for task in handler.drain_pending()] == ["w0", "w1", "w2"]
+    await handler.aclose()
+
+
+async def test_a_recovery_cancelled_once_it_adopted_orphans_still_resubmits_them(
+    db_path: Path,
+) -> None:
+    gone = BackgroundTaskHandler(database=db_path)
+    gone.submit("orphan", "run", payload={"redo": 1})
+    gone.close()  # a closed handler's running tasks are orphans
+    handler = BackgroundTaskHandler(database=db_path)
+    handler.submit("other", "run")
+    raw: sqlite3.Connection = handler._store._worker._db.raw  # type: ignore[attr-defined]
+    adopting = threading.Event()
+
+    def slow() -> int:
+        adopting.set()
+        time.sleep(0.1)
+        return 0
+
+    raw.create_function("orbiter_test_slow_adopt", 0, slow)
+    raw.execute(
+        "CREATE TEMP TRIGGER slow_adopt AFTER UPDATE OF owner_id ON background_tasks "
+        "BEGIN SELECT orbiter_test_slow_adopt(); END"
+    )
+    resubmitted: list[tuple[str, object]] = []
+
+    async def resubmit(task: BackgroundTask) -> None:
+        resubmitted.append((task.task_id, task.payload))
+
+    # Two writes in one loop turn, so the recovery runs on the worker, not inline.
+    other = asyncio.ensure_future(handler.handle_result("other", 1))
+    recovering = asyncio.ensure_future(handler.recover_orphans("resubmit", resubmit=resubmit))
+    assert await asyncio.to_thread(adopting.wait, 10), "the recovery never started"
+    recovering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await recovering
+    await other
+    await next_turns()
+    assert resubmitted == [("orphan", {"redo": 1})]
+    task = handler.get_task("orphan")
+    assert task is not None and task.status is RunNodeStatus.RUNNING  # adopted, redone
     await handler.aclose()

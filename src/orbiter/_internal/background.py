@@ -16,7 +16,7 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
@@ -195,8 +195,9 @@ class BackgroundTaskHandler:
             )
         self._state = state
         self._merge_callbacks: list[MergeCallback] = []
-        #: Hot merges of stored results whose handle_result was cancelled (see there).
-        self._detached_merges: set[asyncio.Task[None]] = set()
+        #: Work a cancelled call left to finish: hot merges (see handle_result) and
+        #: resubmissions (see recover_orphans).
+        self._detached: set[asyncio.Task[None]] = set()
         self._store: TaskStore
         if database is None:
             self._store = MemoryStore()
@@ -227,11 +228,13 @@ class BackgroundTaskHandler:
 
     async def aclose(self) -> None:
         """Finish queued writes and release the database. Safe to call twice."""
-        loop = asyncio.get_running_loop()
-        merges = [merge for merge in self._detached_merges if merge.get_loop() is loop]
-        if merges:  # their callbacks may still use the handler
-            await asyncio.gather(*merges, return_exceptions=True)
-        await self._store.aclose()
+        loop, me = asyncio.get_running_loop(), asyncio.current_task()
+        detached = [t for t in self._detached if t.get_loop() is loop and t is not me]
+        try:
+            if detached:  # they may still use the handler (asyncio.wait never cancels them)
+                await asyncio.wait(detached)
+        finally:
+            await self._store.aclose()
 
     def close(self) -> None:
         """Synchronous form of :meth:`aclose`."""
@@ -325,7 +328,7 @@ class BackgroundTaskHandler:
         except CommittedThenCancelled as committed:
             self._succeeded(task_id)
             if merge_now:
-                self._merge_detached(committed.result, mode)
+                self._detach(self._notify_merge(committed.result, mode))
             raise asyncio.CancelledError(*committed.args) from None
         logger.debug("background task %r completed: %s merge", task_id, mode)
         if self._state is not None:  # checked here too: this is the per-call path
@@ -406,8 +409,7 @@ class BackgroundTaskHandler:
             yield tasks
             merged = True
         finally:
-            # Synchronous: a cancellation arriving now cannot leave the batch claimed.
-            self._store.settle_batch(claimer, merged=merged)
+            await self._store.settle_batch(claimer, merged=merged)
 
     async def recover_orphans(
         self,
@@ -428,6 +430,9 @@ class BackgroundTaskHandler:
                 payload; if it raises, the task is marked FAILED).
             resubmit: The callback for ``"resubmit"``.
 
+        Cancelled once its write has started, the recovery still completes: the settled
+        tasks are resubmitted (or their nodes marked) in a task of their own.
+
         Returns:
             The settled tasks.
         """
@@ -444,16 +449,31 @@ class BackgroundTaskHandler:
             OrphanAction.TIMEOUT: "timeout",
             OrphanAction.RESUBMIT: "adopt",
         }[chosen]
-        settled = await self._store.recover_orphans(status)
+        try:
+            settled = await self._store.recover_orphans(status)
+        except CommittedThenCancelled as committed:
+            # Settled (adopted) in the file: the rest must follow, or adopted tasks
+            # would stay RUNNING under this live handler and never be redone.
+            self._detach(self._after_recovery(committed.result, chosen, resubmit))
+            raise asyncio.CancelledError(*committed.args) from None
+        await self._after_recovery(settled, chosen, resubmit)
+        return [task for task, _ in settled]
+
+    async def _after_recovery(
+        self,
+        settled: list[tuple[BackgroundTask, str]],
+        action: OrphanAction,
+        resubmit: OrphanCallback | None,
+    ) -> None:
+        """Log each settled orphan, then resubmit it or mark its run-state node."""
         for task, reason in settled:
             logger.warning(
-                "orphaned background task %r settled (%s): %s", task.task_id, chosen.value, reason
+                "orphaned background task %r settled (%s): %s", task.task_id, action.value, reason
             )
             if resubmit is not None:
                 await self._resubmit(task, resubmit)
             else:
                 self._mark_node(task)
-        return [task for task, _ in settled]
 
     async def _resubmit(self, task: BackgroundTask, resubmit: OrphanCallback) -> None:
         try:
@@ -468,12 +488,11 @@ class BackgroundTaskHandler:
         """The run-state node tracking ``task_id`` (``"bg:<task_id>"``), if any."""
         return None if self._state is None else self._state.find_node(f"bg:{task_id}")
 
-    def _merge_detached(self, task: BackgroundTask, mode: MergeMode) -> None:
-        """Run the merge callbacks of ``task`` in a task of their own (its caller is gone)."""
-        logger.debug("handle_result of %r was cancelled once stored; merging apart", task.task_id)
-        merge = asyncio.get_running_loop().create_task(self._notify_merge(task, mode))
-        self._detached_merges.add(merge)
-        merge.add_done_callback(self._detached_merges.discard)
+    def _detach(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in a task of its own: its caller was cancelled (``aclose`` waits)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
 
     def _succeeded(self, task_id: str) -> None:
         """Mark the run-state node of ``task_id`` SUCCESS, if there is one."""

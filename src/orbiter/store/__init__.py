@@ -95,11 +95,9 @@ class TaskStore(Protocol):
         """Claim every free queued task (of one parent, or all); return a claim token."""
         ...
 
-    def settle_batch(self, claimer: str, *, merged: bool) -> None:
-        """Remove (``merged``) or free every task claimed under ``claimer``.
-
-        Synchronous so that a cancellation cannot stop it half way: the claim must end.
-        """
+    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
+        """Remove (``merged``) or free every task claimed under ``claimer``; a
+        cancellation of the caller does not stop it (nothing else would end the claim)."""
         ...
 
     async def recover_orphans(

@@ -183,7 +183,7 @@ class MemoryStore:
         claimer = f"batch/{next(self._drains)}"
         return claimer, list(self._claim(parent_task_id, claimer).tasks)
 
-    def settle_batch(self, claimer: str, *, merged: bool) -> None:
+    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         if merged:
             with self._lock:
                 self._held.pop(claimer, None)

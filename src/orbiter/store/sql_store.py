@@ -434,10 +434,8 @@ class SqlStore:
                     )
         finally:
             # Stopped early (the consumer raised or broke off, or was cancelled, perhaps
-            # while a claim committed): free what we hold, synchronously so a further
-            # cancellation cannot leave items held by a drain that is over.
-            if not self._worker.closed:
-                self._release_now(claimer)
+            # while a claim committed): free what we hold.
+            await self._free_claims(claimer)
 
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         """Claim every free pending item (of one parent), for an all-or-nothing merge."""
@@ -454,23 +452,35 @@ class SqlStore:
                 ),
                 relaxed=CLAIMS_ARE_RELAXED,
             )
-        except asyncio.CancelledError:  # the claim may have committed: nobody would end it
-            self._release_now(claimer)
+            return claimer, [self._task_from_row(row[1:]) for row in rows]
+        except BaseException:  # cancelled, perhaps once the claim committed: end it
+            await self._free_claims(claimer)
             raise
-        return claimer, [self._task_from_row(row[1:]) for row in rows]
 
-    def settle_batch(self, claimer: str, *, merged: bool) -> None:
+    async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         """Acknowledge (``merged``) or release every item of a claimed batch."""
         if merged:
-            self._worker.call(
-                lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
+            await self._run_to_end(
+                lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer}),
+                relaxed=False,
             )
         else:
-            self._release_now(claimer)
+            await self._free_claims(claimer)
 
-    def _release_now(self, claimer: str) -> None:
-        """Free every item ``claimer`` holds (a relaxed commit, on the calling thread)."""
-        self._worker.call(partial(self._release, claimer), relaxed=True)
+    async def _free_claims(self, claimer: str) -> None:
+        """Free every item ``claimer`` holds."""
+        if not self._worker.closed:
+            await self._run_to_end(
+                lambda db: db.execute(queries.release_claims(), {"claimer": claimer}),
+                relaxed=True,
+            )
+
+    async def _run_to_end(self, run: Operation[Any], *, relaxed: bool) -> None:
+        """Run ``run`` on the commit worker and wait for it. A cancellation of the caller
+        does not stop it (it ends a claim, which nothing else would): it is raised here
+        while the operation still runs to its end."""
+        done = self._worker.submit(run, relaxed=relaxed, urgent=False)
+        await asyncio.shield(asyncio.wrap_future(done))
 
     # -- claims ----------------------------------------------------------------------
 
@@ -539,10 +549,6 @@ class SqlStore:
                 seq,
             )
 
-    @staticmethod
-    def _release(claimer: str, db: Db) -> None:
-        db.execute(queries.release_claims(), {"claimer": claimer})
-
     # -- owners ------------------------------------------------------------------------
 
     @staticmethod
@@ -592,7 +598,11 @@ class SqlStore:
                     self._forget_owner_if_unused(db, owner_id)
             return settled
 
-        rows = await self._worker.acall(recover)
+        try:
+            rows = await self._worker.acall(recover, report_committed=True)
+        except CommittedThenCancelled as committed:
+            committed.result = [(self._task_from_row(row), why) for row, why in committed.result]
+            raise
         return [(self._task_from_row(row), reason) for row, reason in rows]
 
     @staticmethod

@@ -22,9 +22,9 @@ guarded statements first); such an error is the caller's answer and the batch go
 other error rolls the batch back, and its operations are retried one per transaction so
 only the faulty one fails.
 
-Cancelling an async caller withdraws its operation if the worker has not taken it yet;
-once taken, the operation runs to its end and the cancellation reaches the caller after
-it (see :class:`_Waiter`), so a cancelled call never leaves its effect unknown.
+Cancelling an async caller withdraws its operation if it has not started yet; once
+started, it runs to its end and the cancellation reaches the caller after it (see
+:class:`_Waiter`), so a cancelled call never leaves its effect unknown.
 """
 
 from __future__ import annotations
@@ -70,13 +70,14 @@ _START_LOCK = threading.Lock()
 class _Waiter(asyncio.Future[Any]):
     """An async caller's answer, which cannot be cancelled once its operation started.
 
-    ``Task.cancel()`` cancels the future its task awaits. Before the worker takes the
-    operation that withdraws it (the worker skips cancelled waiters); afterwards this
-    refuses, so asyncio lets the operation finish, answers the waiter and only then
-    raises ``CancelledError`` in the caller, which can still read the outcome here.
+    ``Task.cancel()`` cancels the future its task awaits. Before the operation starts
+    (in the queue, or in a batch waiting for SQLite's lock or for its turn) that
+    withdraws it: it is skipped. Once started this refuses, so asyncio lets the
+    operation finish, answers the waiter and only then raises ``CancelledError`` in the
+    caller, which can still read the outcome here.
     """
 
-    started = False  # set (under _START_LOCK) when the worker takes the operation
+    started = False  # set (under _START_LOCK) right before the operation runs
 
     def cancel(self, msg: Any = None) -> bool:
         with _START_LOCK:
@@ -99,12 +100,20 @@ class _Queued(Generic[T]):
     urgent: bool = False  # a blocked thread's, queued at the front
 
     def wanted(self) -> bool:
-        """False if the caller gave up (cancelled) before the operation started; once
-        this has returned True, the caller can no longer withdraw it."""
+        """False if the caller gave up (cancelled) before the batch took the operation.
+
+        A thread's call can no longer be withdrawn after this; a coroutine's can, until
+        :meth:`start`.
+        """
         if self.future is not None:
             return self.future.set_running_or_notify_cancel()
+        return self.waiter is None or not self.waiter.cancelled()
+
+    def start(self) -> bool:
+        """Called right before the operation runs: False if its coroutine was cancelled
+        meanwhile (it is then skipped); once True, the caller can no longer withdraw it."""
         waiter = self.waiter
-        if waiter is None:
+        if waiter is None or waiter.started:
             return True
         with _START_LOCK:
             if waiter.cancelled():
@@ -295,8 +304,8 @@ class CommitWorker:
         commit, as a sync call does); several, or any while the worker is busy, go to the
         worker thread, where they share one commit and the loop does not wait.
 
-        If the caller is cancelled before the worker takes the operation, it never runs;
-        after that, the cancellation is raised once the operation has finished, as a
+        If the caller is cancelled before the operation starts, it never runs; once
+        started, the cancellation is raised once the operation has finished, as a
         :class:`CommittedThenCancelled` carrying its result if ``report_committed`` and
         the operation succeeded.
         """
@@ -496,10 +505,11 @@ class CommitWorker:
                         break
                     async_left = 0  # what is left are threads' operations
                 item = items[ran]
-                try:
-                    item.outcome = (True, item.run(self._db))
-                except BackgroundTaskError as exc:
-                    item.outcome = (False, exc)
+                if item.start():  # else cancelled while waiting for its turn: skipped
+                    try:
+                        item.outcome = (True, item.run(self._db))
+                    except BackgroundTaskError as exc:
+                        item.outcome = (False, exc)
                 ran += 1
                 if item.future is None:
                     async_ran += 1
