@@ -10,6 +10,7 @@ SQLite function called by a temporary trigger on the handler's own connection.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import threading
 import time
@@ -22,24 +23,29 @@ from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler, 
 from orbiter._internal.state import RunNodeStatus, RunState
 from orbiter.errors import BackgroundTaskError
 
+_TRIGGERS = itertools.count()
 
-def slow_completions(handler: BackgroundTaskHandler, seconds: float) -> threading.Event:
-    """Make every completion's UPDATE take ``seconds`` inside the worker's transaction;
-    the event is set when the first one is under way."""
+
+def slow_when(handler: BackgroundTaskHandler, event: str, seconds: float) -> threading.Event:
+    """Make the handler's own connection pause ``seconds`` inside its transaction each time
+    the trigger ``event`` happens; the returned event is set at the first pause."""
     raw: sqlite3.Connection = handler._store._worker._db.raw  # type: ignore[attr-defined]
     started = threading.Event()
+    name = f"orbiter_test_slow_{next(_TRIGGERS)}"
 
     def slow() -> int:
         started.set()
         time.sleep(seconds)
         return 0
 
-    raw.create_function("orbiter_test_slow", 0, slow)
-    raw.execute(
-        "CREATE TEMP TRIGGER slow_completion AFTER UPDATE OF status ON background_tasks "
-        "BEGIN SELECT orbiter_test_slow(); END"
-    )
+    raw.create_function(name, 0, slow)
+    raw.execute(f"CREATE TEMP TRIGGER {name} AFTER {event} BEGIN SELECT {name}(); END")
     return started
+
+
+def slow_completions(handler: BackgroundTaskHandler, seconds: float) -> threading.Event:
+    """Every completion's UPDATE takes ``seconds``."""
+    return slow_when(handler, "UPDATE OF status ON background_tasks", seconds)
 
 
 def stored_statuses(path: Path) -> dict[str, str]:
@@ -235,21 +241,9 @@ async def test_aclose_waits_for_the_merge_of_a_cancelled_hot_result(db_path: Pat
 
 
 def slow_claims(handler: BackgroundTaskHandler, seconds: float) -> threading.Event:
-    """Make every claim of a pending item take ``seconds``; the event is set at the first."""
-    raw: sqlite3.Connection = handler._store._worker._db.raw  # type: ignore[attr-defined]
-    started = threading.Event()
-
-    def slow() -> int:
-        started.set()
-        time.sleep(seconds)
-        return 0
-
-    raw.create_function("orbiter_test_slow_claim", 0, slow)
-    raw.execute(
-        "CREATE TEMP TRIGGER slow_claim AFTER UPDATE OF claimed_by ON pending_queue "
-        "WHEN NEW.claimed_by IS NOT NULL BEGIN SELECT orbiter_test_slow_claim(); END"
-    )
-    return started
+    """Every claim of a pending item takes ``seconds``."""
+    event = "UPDATE OF claimed_by ON pending_queue WHEN NEW.claimed_by IS NOT NULL"
+    return slow_when(handler, event, seconds)
 
 
 def held_items(path: Path) -> int:
@@ -323,19 +317,7 @@ async def test_a_recovery_cancelled_once_it_adopted_orphans_still_resubmits_them
     gone.close()  # a closed handler's running tasks are orphans
     handler = BackgroundTaskHandler(database=db_path)
     handler.submit("other", "run")
-    raw: sqlite3.Connection = handler._store._worker._db.raw  # type: ignore[attr-defined]
-    adopting = threading.Event()
-
-    def slow() -> int:
-        adopting.set()
-        time.sleep(0.1)
-        return 0
-
-    raw.create_function("orbiter_test_slow_adopt", 0, slow)
-    raw.execute(
-        "CREATE TEMP TRIGGER slow_adopt AFTER UPDATE OF owner_id ON background_tasks "
-        "BEGIN SELECT orbiter_test_slow_adopt(); END"
-    )
+    adopting = slow_when(handler, "UPDATE OF owner_id ON background_tasks", 0.1)
     resubmitted: list[tuple[str, object]] = []
 
     async def resubmit(task: BackgroundTask) -> None:
