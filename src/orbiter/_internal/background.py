@@ -308,8 +308,8 @@ class BackgroundTaskHandler:
         before the callbacks run.
 
         Cancelling the call before a durable handler has started its write stores
-        nothing. Once the write has started, the cancellation waits for its commit (at
-        most one or two), the task then shows the result, and a hot merge's ``on_merge``
+        nothing. Once the write has started, the cancellation waits for its commit, the
+        task then shows the result, and a hot merge's ``on_merge``
         callbacks still run, in a task of their own, so the merge is not lost and the
         cancellation is not held up by them (``aclose`` waits for them).
 
