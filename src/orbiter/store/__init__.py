@@ -24,7 +24,8 @@ class CommittedThenCancelled(asyncio.CancelledError):
 
     ``result`` is what the call would have returned. The commit worker raises it (when
     asked) with the operation's result; a durable store's :meth:`TaskStore.complete`
-    raises it with the task (or None) once its objects show the result. The handler
+    raises it with the task (or None) once its objects show the result, and its
+    :meth:`TaskStore.recover_orphans` with the settled tasks. The handler
     turns it back into a plain ``CancelledError`` before it leaves the library
     (``asyncio.timeout`` recognises only that exact type).
     """
@@ -104,7 +105,9 @@ class TaskStore(Protocol):
         self, action: str, protect: Collection[str] = ()
     ) -> list[tuple[BackgroundTask, str]]:
         """Settle active tasks whose owner is gone (``action``: failed, timeout or adopt);
-        return each settled task with the reason its owner counts as gone."""
+        return each settled task with the reason its owner counts as gone. A caller
+        cancelled once the settling committed gets :class:`CommittedThenCancelled`
+        carrying that list."""
         ...
 
     async def wait_pending(self, timeout: float | None) -> bool:
