@@ -460,7 +460,7 @@ class SqlStore:
     async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         """Acknowledge (``merged``) or release every item of a claimed batch."""
         if merged:
-            await self._run_to_end(
+            await self._worker.acall_to_end(
                 lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer}),
                 relaxed=False,
             )
@@ -470,17 +470,10 @@ class SqlStore:
     async def _free_claims(self, claimer: str) -> None:
         """Free every item ``claimer`` holds."""
         if not self._worker.closed:
-            await self._run_to_end(
+            await self._worker.acall_to_end(
                 lambda db: db.execute(queries.release_claims(), {"claimer": claimer}),
                 relaxed=True,
             )
-
-    async def _run_to_end(self, run: Operation[Any], *, relaxed: bool) -> None:
-        """Run ``run`` on the commit worker and wait for it. A cancellation of the caller
-        does not stop it (it ends a claim, which nothing else would): it is raised here
-        while the operation still runs to its end."""
-        done = self._worker.submit(run, relaxed=relaxed, urgent=False)
-        await asyncio.shield(asyncio.wrap_future(done))
 
     # -- claims ----------------------------------------------------------------------
 

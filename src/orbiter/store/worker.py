@@ -361,6 +361,13 @@ class CommitWorker:
             _report(waiter, cancelled, report_committed)
             raise
 
+    async def acall_to_end(self, run: Operation[T], *, relaxed: bool = False) -> T:
+        """Run ``run`` on the worker thread and return once it has committed; cancelling
+        the caller does not stop it (for operations nothing else would redo, like ending
+        a claim): the cancellation is raised at once while ``run`` still runs to its end."""
+        done = self.submit(run, relaxed=relaxed, urgent=False)
+        return await asyncio.shield(asyncio.wrap_future(done))
+
     def close(self) -> None:
         """Finish what is queued, then close the connection and stop the thread."""
         with self._wakeup:
