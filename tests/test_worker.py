@@ -219,3 +219,49 @@ def test_relaxed_operations_commit_at_normal_and_durable_ones_at_full(
     assert worker.call(level, relaxed=True) == normal
     assert worker.call(level, relaxed=True) == normal
     assert worker.call(level) == full  # a durable write after relaxed ones: FULL again
+
+
+async def test_a_lone_async_write_commits_at_once_when_nothing_else_is_ready(
+    worker: CommitWorker, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no other callback ready in the turn, nothing could join the write: it commits
+    # right away on the calling thread, without the end-of-turn hand-on.
+    hand_ons: list[object] = []
+    original = worker._hand_on_staged
+
+    def counted(loop: asyncio.AbstractEventLoop) -> None:
+        hand_ons.append(loop)
+        original(loop)
+
+    monkeypatch.setattr(worker, "_hand_on_staged", counted)
+    threads: list[threading.Thread] = []
+
+    def log_where(name: str, db: Db) -> str:
+        threads.append(threading.current_thread())
+        return _log(name, db)
+
+    commits = worker.commits
+    assert await worker.acall(partial(log_where, "alone")) == "alone"
+    assert _committed(db_path) == ["alone"]  # durable on return
+    assert worker.commits == commits + 1
+    assert threads == [threading.current_thread()]
+    assert hand_ons == []
+
+    # Writes made in one turn still share the end-of-turn hand-on and one commit.
+    names = [f"w{k}" for k in range(20)]
+    assert await asyncio.gather(*(worker.acall(partial(_log, n)) for n in names)) == names
+    assert _committed(db_path) == ["alone", *names]
+    assert len(hand_ons) == 1
+    assert worker.commits == commits + 2
+
+
+async def test_a_lone_async_writes_error_reaches_its_caller_and_the_next_write_works(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    def broken(db: Db) -> None:
+        db.raw.execute("INSERT INTO missing_table VALUES (1)")
+
+    with pytest.raises(DatabaseError, match="missing_table"):
+        await worker.acall(broken)
+    assert await worker.acall(partial(_log, "after")) == "after"
+    assert _committed(db_path) == ["after"]
