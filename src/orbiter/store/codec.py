@@ -13,6 +13,8 @@ import json
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import orjson
+
 from orbiter.errors import InvalidValueError
 
 __all__ = ["Codec", "JsonCodec", "check_id", "is_unicode_text", "utc_now_text", "utf8_size"]
@@ -94,17 +96,70 @@ def check_id(value: object, name: str) -> str:
     return value
 
 
+_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is built only of the exact JSON types (no subclasses), with str
+    keys and finite floats. The value must be acyclic (``orjson`` checked that)."""
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        kind = type(current)
+        items: Any
+        if kind is dict:
+            for key in current:
+                if type(key) is not str:
+                    return False
+            items = current.values()
+        elif kind is list or kind is tuple:
+            items = current
+        else:
+            items = (current,)
+        for item in items:
+            kind = type(item)
+            if kind in _PLAIN_SCALARS:
+                continue
+            if kind is float:
+                if item - item != 0.0:  # NaN or an infinity
+                    return False
+            elif kind is dict or kind is list or kind is tuple:
+                stack.append(item)
+            else:
+                return False
+    return True
+
+
+def _stdlib_dumps(value: Any) -> str:
+    """Encode with the ``json`` module, which decides every case ``orjson`` does not."""
+    text = _ENCODER.encode(value)
+    if isinstance(value, _CONTAINERS):
+        _check_keys(value)
+    if not text.isascii() and not is_unicode_text(text):
+        text = _ASCII_ENCODER.encode(value)
+    return text
+
+
 class JsonCodec:
-    """Strict JSON: dicts with str keys, lists, str, int, finite float, bool, None."""
+    """Strict JSON: dicts with str keys, lists, str, int, finite float, bool, None.
+
+    Plain values (the exact types above, as payloads and results nearly always are) are
+    encoded by ``orjson``, several times faster than the ``json`` module. Anything else
+    goes to the ``json`` module, which refuses what JSON cannot hold (``orjson`` itself
+    would quietly write NaN as ``null`` and a UUID or an enum as text) and stores what
+    ``orjson`` cannot (ints beyond 64 bits, lone surrogates, deep nesting). Both write
+    the same JSON values; only the spelling of some floats differs (``1e-7``, ``1e-07``).
+    """
 
     def dumps(self, value: Any) -> str:
         """Encode ``value``; raise ``TypeError``/``ValueError`` naming what cannot be stored."""
-        text = _ENCODER.encode(value)
-        if isinstance(value, _CONTAINERS):
-            _check_keys(value)
-        if not text.isascii() and not is_unicode_text(text):
-            text = _ASCII_ENCODER.encode(value)
-        return text
+        try:
+            encoded = orjson.dumps(value)
+        except orjson.JSONEncodeError:
+            return _stdlib_dumps(value)
+        if _is_plain(value):
+            return encoded.decode()
+        return _stdlib_dumps(value)
 
     def loads(self, text: str) -> Any:
         """Decode JSON text."""
