@@ -10,7 +10,7 @@ import json
 import math
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,33 @@ class Point:
     x: int
 
 
+@dataclass(slots=True)
+class Unfinished:
+    """A slots dataclass whose field was never set (``orjson`` 3.13 crashed on one)."""
+
+    score: float = field(init=False)
+
+
+class Unreadable(enum.Enum):
+    A = 1
+
+    @property
+    def value(self) -> Any:
+        raise KeyError("no value")
+
+
+class _LooksLikeStr(type):
+    def __eq__(cls, other: object) -> bool:
+        return other is str or type.__eq__(cls, other)
+
+    def __hash__(cls) -> int:
+        return hash(str)
+
+
+class Impostor(metaclass=_LooksLikeStr):
+    """A type equal to ``str`` (and hashing like it): a type check must compare identity."""
+
+
 STORABLE: list[Any] = [
     None,
     True,
@@ -108,6 +135,10 @@ UNSTORABLE: list[Any] = [
     object(),
     {1, 2},
     b"bytes",
+    {"summary": Unfinished()},
+    [Unreadable.A],
+    {"v": Impostor()},
+    [[[Point(1)]]],
 ]
 
 
@@ -125,9 +156,13 @@ def test_values_json_cannot_hold_are_refused(value: Any) -> None:
         CODEC.dumps(value)
 
 
-def test_a_circular_value_is_refused() -> None:
-    loop: list[Any] = []
-    loop.append(loop)
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_a_circular_value_is_refused(kind: str) -> None:
+    loop: Any = [] if kind == "list" else {}
+    if kind == "list":
+        loop.append([1, loop])
+    else:
+        loop["self"] = {"again": loop}
     with pytest.raises(ValueError, match="Circular"):
         CODEC.dumps(loop)
 

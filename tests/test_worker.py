@@ -265,3 +265,68 @@ async def test_a_lone_async_writes_error_reaches_its_caller_and_the_next_write_w
         await worker.acall(broken)
     assert await worker.acall(partial(_log, "after")) == "after"
     assert _committed(db_path) == ["after"]
+
+
+async def test_a_loop_of_lone_async_writes_still_lets_the_event_loop_turn(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    # Each write commits at once, then yields one turn: timers, I/O and a timeout's
+    # cancellation still get their turn between calls.
+    ticks = 0
+
+    async def ticker() -> None:  # waits on a timer, so it is not in the ready queue
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.001)
+            ticks += 1
+
+    ticking = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    written = 0
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                for k in range(20_000):
+                    await worker.acall(partial(_log, f"w{k}"))
+                    written += 1
+    finally:
+        ticking.cancel()
+    assert 0 < written < 20_000
+    assert ticks > 0
+    # What returned is committed; a write the timeout interrupted may be too.
+    assert len(_committed(db_path)) in (written, written + 1)
+
+
+async def test_a_write_made_with_a_cancellation_pending_is_withdrawn(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    async def cancel_self_then_write() -> None:
+        current = asyncio.current_task()
+        assert current is not None
+        current.cancel()
+        await worker.acall(partial(_log, "never"))
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(cancel_self_then_write())
+    assert _committed(db_path) == []
+
+
+class _CustomLoop(asyncio.SelectorEventLoop):
+    """A loop class that is not asyncio's own: its scheduling is not assumed."""
+
+
+def test_other_loop_classes_hand_on_at_the_end_of_the_turn(
+    worker: CommitWorker, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hand_ons: list[object] = []
+    original = worker._hand_on_staged
+
+    def counted(loop: asyncio.AbstractEventLoop) -> None:
+        hand_ons.append(loop)
+        original(loop)
+
+    monkeypatch.setattr(worker, "_hand_on_staged", counted)
+    with asyncio.Runner(loop_factory=_CustomLoop) as runner:
+        assert runner.run(worker.acall(partial(_log, "custom"))) == "custom"
+    assert _committed(db_path) == ["custom"]
+    assert len(hand_ons) == 1

@@ -96,15 +96,20 @@ def check_id(value: object, name: str) -> str:
     return value
 
 
-_PLAIN_SCALARS = frozenset({str, int, bool, type(None)})
+_NONE = type(None)
+#: Deeper values go to the ``json`` module (``orjson`` stops at 255 levels); the bound
+#: also ends the walk of a value that contains itself.
+_MAX_PLAIN_DEPTH = 200
 
 
 def _is_plain(value: Any) -> bool:
     """Whether ``value`` is built only of the exact JSON types (no subclasses), with str
-    keys and finite floats. The value must be acyclic (``orjson`` checked that)."""
-    stack = [value]
+    keys and finite floats, at most ``_MAX_PLAIN_DEPTH`` containers deep. Runs no code of
+    the value's (types are compared by identity, containers read through their exact
+    built-in types)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
-        current = stack.pop()
+        current, depth = stack.pop()
         kind = type(current)
         items: Any
         if kind is dict:
@@ -116,18 +121,34 @@ def _is_plain(value: Any) -> bool:
             items = current
         else:
             items = (current,)
+        depth += 1
         for item in items:
             kind = type(item)
-            if kind in _PLAIN_SCALARS:
+            if kind is str or kind is int or kind is bool or kind is _NONE:
                 continue
             if kind is float:
                 if item - item != 0.0:  # NaN or an infinity
                     return False
             elif kind is dict or kind is list or kind is tuple:
-                stack.append(item)
+                if depth > _MAX_PLAIN_DEPTH:
+                    return False
+                stack.append((item, depth))
             else:
                 return False
     return True
+
+
+def _refuse(value: Any) -> Any:
+    """``orjson``'s hook for a type it does not write itself: never reached for a plain
+    value; refuses anything else."""
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+_ORJSON_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 
 def _stdlib_dumps(value: Any) -> str:
@@ -144,21 +165,22 @@ class JsonCodec:
     """Strict JSON: dicts with str keys, lists, str, int, finite float, bool, None.
 
     Plain values (the exact types above, as payloads and results nearly always are) are
-    encoded by ``orjson``, several times faster than the ``json`` module. Anything else
-    goes to the ``json`` module, which refuses what JSON cannot hold (``orjson`` itself
-    would quietly write NaN as ``null`` and a UUID or an enum as text) and stores what
-    ``orjson`` cannot (ints beyond 64 bits, lone surrogates, deep nesting). Both write
-    the same JSON values; only the spelling of some floats differs (``1e-7``, ``1e-07``).
+    encoded by ``orjson``, several times faster than the ``json`` module; only checked
+    plain values reach it. Anything else goes to the ``json`` module, which refuses what
+    JSON cannot hold (``orjson`` itself would quietly write NaN as ``null`` and a UUID or
+    an enum as text) and stores what ``orjson`` cannot (ints beyond 64 bits, lone
+    surrogates). Both write the same JSON values; only the spelling of some floats
+    differs (``1e-7`` for ``1e-07``, ``0.00001`` for ``1e-05``), which can move a value's
+    size, as ``max_value_bytes`` counts it, by a few bytes.
     """
 
     def dumps(self, value: Any) -> str:
         """Encode ``value``; raise ``TypeError``/``ValueError`` naming what cannot be stored."""
-        try:
-            encoded = orjson.dumps(value)
-        except orjson.JSONEncodeError:
-            return _stdlib_dumps(value)
         if _is_plain(value):
-            return encoded.decode()
+            try:
+                return orjson.dumps(value, default=_refuse, option=_ORJSON_OPTIONS).decode()
+            except orjson.JSONEncodeError:
+                pass  # beyond orjson: an int past 64 bits, a lone surrogate
         return _stdlib_dumps(value)
 
     def loads(self, text: str) -> Any:

@@ -304,8 +304,9 @@ class CommitWorker:
         commit, as a sync call does); several, or any while the worker is busy, go to the
         worker thread, where they share one commit and the loop does not wait. A write
         made when no other callback is ready to run in the turn (a lone caller, as in a
-        sequential loop of calls) cannot have company, so it commits at once, saving the
-        two turns of the loop a hand-on at the end of the turn costs.
+        sequential loop of calls) cannot have company, so it commits at once and then
+        yields to the loop for one turn, where a hand-on at the end of the turn would
+        cost two turns and a future.
 
         If the caller is cancelled before the operation starts, it never runs; once
         started, the cancellation is raised once the operation has finished, as a
@@ -319,11 +320,19 @@ class CommitWorker:
             return await self._handoff(run, writes, relaxed, report_committed)
         loop = asyncio.get_running_loop()
         staged = self._staged.get(loop)
-        if staged is None and not self._async_writes and _nothing_else_ready(loop):
+        if staged is None and not self._async_writes and _alone_in_turn(loop):
             # No other callback runs in this turn, so no other write can join this one:
             # what the end of the turn would do (a lone write, inline), done right away.
             item: _Queued[T] = _Queued(run, writes, relaxed)
             if self._run_inline(item):
+                try:
+                    # Still give the loop its turn (timers, I/O, a timeout's cancel), as
+                    # the hand-on would: a loop of calls must not hold the loop.
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError as cancelled:
+                    if report_committed and item.outcome[0]:
+                        raise CommittedThenCancelled(cancelled, item.outcome[1]) from None
+                    raise
                 return _result(item)
         waiter = _Waiter(loop=loop)
         if staged is None:
@@ -536,15 +545,25 @@ class CommitWorker:
             raise
 
 
-def _nothing_else_ready(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether no other callback is ready to run in this turn of ``loop``.
+#: Loop classes known to schedule every callback through ``BaseEventLoop._ready``.
+_STOCK_LOOPS: frozenset[type] = frozenset(
+    {asyncio.SelectorEventLoop, getattr(asyncio, "ProactorEventLoop", asyncio.SelectorEventLoop)}
+)
 
-    Reads the ready queue of asyncio's own loops (``BaseEventLoop._ready``, a deque). For
-    a loop without one (uvloop, say) the answer is False and writes take the end-of-turn
-    hand-on, which is just as correct, only slower for a lone caller.
+
+def _alone_in_turn(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether the running task is alone in this turn of ``loop``: no other callback is
+    ready to run, and no cancellation of the task is pending.
+
+    Only asyncio's own loops are read (their ready queue, ``_ready``); for any other loop
+    (uvloop, Qt's, a subclass) the answer is False and writes take the end-of-turn
+    hand-on, which is just as correct, only slower for a lone caller. A task with a
+    cancellation requested also takes the hand-on, so its write is withdrawn unstarted.
     """
-    ready = getattr(loop, "_ready", None)
-    return isinstance(ready, deque) and not ready
+    if type(loop) not in _STOCK_LOOPS or loop._ready:  # type: ignore[attr-defined]
+        return False
+    task = asyncio.current_task(loop)
+    return task is not None and not task.cancelling()
 
 
 def _report(waiter: _Waiter, cancelled: asyncio.CancelledError, report_committed: bool) -> None:
