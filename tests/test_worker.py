@@ -221,11 +221,8 @@ def test_relaxed_operations_commit_at_normal_and_durable_ones_at_full(
     assert worker.call(level) == full  # a durable write after relaxed ones: FULL again
 
 
-async def test_a_lone_async_write_commits_at_once_when_nothing_else_is_ready(
-    worker: CommitWorker, db_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # With no other callback ready in the turn, nothing could join the write: it commits
-    # right away on the calling thread, without the end-of-turn hand-on.
+def _count_hand_ons(worker: CommitWorker, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The loops of every end-of-turn hand-on the worker makes from now on."""
     hand_ons: list[object] = []
     original = worker._hand_on_staged
 
@@ -234,6 +231,15 @@ async def test_a_lone_async_write_commits_at_once_when_nothing_else_is_ready(
         original(loop)
 
     monkeypatch.setattr(worker, "_hand_on_staged", counted)
+    return hand_ons
+
+
+async def test_a_lone_async_write_commits_at_once_when_nothing_else_is_ready(
+    worker: CommitWorker, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With no other callback ready in the turn, nothing could join the write: it commits
+    # right away on the calling thread, without the end-of-turn hand-on.
+    hand_ons = _count_hand_ons(worker, monkeypatch)
     threads: list[threading.Thread] = []
 
     def log_where(name: str, db: Db) -> str:
@@ -318,14 +324,7 @@ class _CustomLoop(asyncio.SelectorEventLoop):
 def test_other_loop_classes_hand_on_at_the_end_of_the_turn(
     worker: CommitWorker, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    hand_ons: list[object] = []
-    original = worker._hand_on_staged
-
-    def counted(loop: asyncio.AbstractEventLoop) -> None:
-        hand_ons.append(loop)
-        original(loop)
-
-    monkeypatch.setattr(worker, "_hand_on_staged", counted)
+    hand_ons = _count_hand_ons(worker, monkeypatch)
     with asyncio.Runner(loop_factory=_CustomLoop) as runner:
         assert runner.run(worker.acall(partial(_log, "custom"))) == "custom"
     assert _committed(db_path) == ["custom"]
