@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 import json
 import math
+import sys
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -195,3 +197,35 @@ async def test_every_storable_value_round_trips_through_a_file(db_path: Path) ->
         expected = json.loads(_stdlib(value))
         assert task.result == expected
         assert task.payload == expected
+
+
+@pytest.mark.parametrize("bad", [math.nan, uuid.UUID(int=7), Colour.RED], ids=repr)
+def test_a_value_changed_by_another_thread_while_encoding_is_never_stored_unchecked(
+    bad: Any,
+) -> None:
+    # Another thread replaces an item the check has already passed. What is stored is the
+    # value as it was read (0) or a refusal, never NaN as null nor a UUID or enum as text
+    # (and the process does not crash: orjson 3.13 does on some such values).
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so the change lands mid-encode
+    try:
+        for _ in range(10):
+            value: list[Any] = [0] + [1] * 200_000
+            go = threading.Event()
+
+            def change(value: list[Any] = value, go: threading.Event = go) -> None:
+                go.wait()
+                value[0] = bad
+
+            changer = threading.Thread(target=change)
+            changer.start()
+            go.set()
+            try:
+                text = CODEC.dumps(value)
+            except (TypeError, ValueError):
+                text = None
+            changer.join()
+            if text is not None:
+                assert json.loads(text)[0] == 0
+    finally:
+        sys.setswitchinterval(old_interval)

@@ -102,40 +102,50 @@ _NONE = type(None)
 _MAX_PLAIN_DEPTH = 200
 
 
-def _is_plain(value: Any) -> bool:
-    """Whether ``value`` is built only of the exact JSON types (no subclasses), with str
-    keys and finite floats, at most ``_MAX_PLAIN_DEPTH`` containers deep. Runs no code of
-    the value's (types are compared by identity, containers read through their exact
-    built-in types)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        current, depth = stack.pop()
-        kind = type(current)
-        items: Any
-        if kind is dict:
-            for key in current:
-                if type(key) is not str:
-                    return False
-            items = current.values()
-        elif kind is list or kind is tuple:
-            items = current
-        else:
-            items = (current,)
-        depth += 1
-        for item in items:
-            kind = type(item)
-            if kind is str or kind is int or kind is bool or kind is _NONE:
-                continue
-            if kind is float:
-                if item - item != 0.0:  # NaN or an infinity
-                    return False
-            elif kind is dict or kind is list or kind is tuple:
-                if depth > _MAX_PLAIN_DEPTH:
-                    return False
-                stack.append((item, depth))
+class _NotPlain(Exception):
+    """Raised inside :func:`_plain_copy` when the value is not plain JSON."""
+
+
+def _plain_copy(value: Any, depth: int = 0) -> Any:
+    """A private copy of ``value`` if it is built only of the exact JSON types (no
+    subclasses), with str keys and finite floats, at most ``_MAX_PLAIN_DEPTH`` containers
+    deep; raises :class:`_NotPlain` otherwise.
+
+    Runs no code of the value's (types are compared by identity; containers are read
+    through their exact built-in types). ``orjson`` is given the copy, which no other
+    thread can change while it is being encoded; the leaves are immutable and shared.
+    """
+    kind = type(value)
+    if kind is str or kind is int or kind is bool or kind is _NONE:
+        return value
+    if kind is float:
+        if value - value != 0.0:  # NaN or an infinity
+            raise _NotPlain
+        return value
+    if depth >= _MAX_PLAIN_DEPTH:
+        raise _NotPlain
+    depth += 1
+    if kind is dict:
+        copied: dict[str, Any] = {}
+        for key, item in value.items():
+            if type(key) is not str:
+                raise _NotPlain
+            leaf = type(item)  # the common leaves inline: a call per item costs more
+            if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
+                copied[key] = item
             else:
-                return False
-    return True
+                copied[key] = _plain_copy(item, depth)
+        return copied
+    if kind is list or kind is tuple:
+        listed: list[Any] = []
+        for item in value:
+            leaf = type(item)
+            if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
+                listed.append(item)
+            else:
+                listed.append(_plain_copy(item, depth))
+        return listed
+    raise _NotPlain
 
 
 def _refuse(value: Any) -> Any:
@@ -165,23 +175,25 @@ class JsonCodec:
     """Strict JSON: dicts with str keys, lists, str, int, finite float, bool, None.
 
     Plain values (the exact types above, as payloads and results nearly always are) are
-    encoded by ``orjson``, several times faster than the ``json`` module; only checked
-    plain values reach it. Anything else goes to the ``json`` module, which refuses what
-    JSON cannot hold (``orjson`` itself would quietly write NaN as ``null`` and a UUID or
-    an enum as text) and stores what ``orjson`` cannot (ints beyond 64 bits, lone
-    surrogates). Both write the same JSON values; only the spelling of some floats
-    differs (``1e-7`` for ``1e-07``, ``0.00001`` for ``1e-05``), which can move a value's
-    size, as ``max_value_bytes`` counts it, by a few bytes.
+    encoded by ``orjson``, several times faster than the ``json`` module; only a checked
+    private copy of a plain value reaches it. Anything else goes to the ``json`` module,
+    which refuses what JSON cannot hold (``orjson`` itself would quietly write NaN as
+    ``null`` and a UUID or an enum as text) and stores what ``orjson`` cannot (ints
+    beyond 64 bits, lone surrogates). Both write the same JSON values; only the spelling
+    of some floats differs (``1e-7`` for ``1e-07``, ``0.00001`` for ``1e-05``), which can
+    move a value's size, as ``max_value_bytes`` counts it, by a few bytes.
     """
 
     def dumps(self, value: Any) -> str:
         """Encode ``value``; raise ``TypeError``/``ValueError`` naming what cannot be stored."""
-        if _is_plain(value):
-            try:
-                return orjson.dumps(value, default=_refuse, option=_ORJSON_OPTIONS).decode()
-            except orjson.JSONEncodeError:
-                pass  # beyond orjson: an int past 64 bits, a lone surrogate
-        return _stdlib_dumps(value)
+        try:
+            plain = _plain_copy(value)
+        except _NotPlain:
+            return _stdlib_dumps(value)
+        try:
+            return orjson.dumps(plain, default=_refuse, option=_ORJSON_OPTIONS).decode()
+        except orjson.JSONEncodeError:  # beyond orjson: an int past 64 bits, a lone surrogate
+            return _stdlib_dumps(value)
 
     def loads(self, text: str) -> Any:
         """Decode JSON text."""
