@@ -7,6 +7,8 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,6 +160,27 @@ def test_empty_file_gets_the_schema(db_path: Path) -> None:
     db_path.touch()
     with BackgroundTaskHandler(database=db_path) as handler:
         handler.submit("a", "run")
+    with BackgroundTaskHandler(database=db_path) as handler:
+        assert handler.get_task("a") is not None
+
+
+def test_opening_a_new_file_waits_for_another_connections_lock(db_path: Path) -> None:
+    # Switching a new file to WAL needs it to itself for a moment; SQLite reports another
+    # connection's lock at once there, so the handler waits for it (up to busy_timeout),
+    # as several processes opening one new file together need.
+    db_path.touch()
+    writer = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")  # holds the write lock, as a process creating it does
+    release = threading.Timer(0.3, writer.rollback)
+    release.start()
+    try:
+        started = time.monotonic()
+        with BackgroundTaskHandler(database=db_path) as handler:
+            handler.submit("a", "run")
+        assert time.monotonic() - started >= 0.25  # it waited for the lock
+    finally:
+        release.join()
+        writer.close()
     with BackgroundTaskHandler(database=db_path) as handler:
         assert handler.get_task("a") is not None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -270,8 +271,22 @@ def enable_wal(connection: Connection) -> None:
     """Put the database in WAL mode (a lasting property of the file), if it is not yet.
 
     Called only once the file is known to be ours or new: the switch rewrites the header.
+    The switch needs the file to itself for a moment, and SQLite reports another
+    connection's lock at once here instead of waiting ``busy_timeout`` (several processes
+    opening a new file together meet this), so this waits for it, up to that timeout.
     """
-    if run_pragma(connection, "PRAGMA journal_mode")[0][0] != "wal":
-        mode = run_pragma(connection, "PRAGMA journal_mode=WAL")[0][0]
-        if mode != "wal":
-            raise DatabaseError(f"could not switch the database to WAL mode (it stays {mode!r})")
+    if run_pragma(connection, "PRAGMA journal_mode")[0][0] == "wal":
+        return
+    deadline = time.monotonic() + run_pragma(connection, "PRAGMA busy_timeout")[0][0] / 1000
+    pause = 0.001
+    while True:
+        try:
+            mode = run_pragma(connection, "PRAGMA journal_mode=WAL")[0][0]
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    if mode != "wal":
+        raise DatabaseError(f"could not switch the database to WAL mode (it stays {mode!r})")
