@@ -336,3 +336,44 @@ async def test_a_recovery_cancelled_once_it_adopted_orphans_still_resubmits_them
     task = handler.get_task("orphan")
     assert task is not None and task.status is RunNodeStatus.RUNNING  # adopted, redone
     await handler.aclose()
+
+
+@pytest.mark.parametrize("hot", [True, False], ids=["hot", "wakeup"])
+async def test_a_cancel_landing_in_the_turn_after_an_at_once_commit_keeps_the_result(
+    db_path: Path, hot: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lone write commits at once, then yields one turn; a cancellation landing in that
+    # turn (another thread's call_soon_threadsafe, a timeout) finds the write committed.
+    state = RunState("agent")
+    handler = BackgroundTaskHandler(state, database=db_path)
+    merged: list[str] = []
+    handler.on_merge(lambda task, mode: merged.append(task.task_id))
+    task = handler.submit("t", "run")
+    worker = handler._store._worker  # type: ignore[attr-defined]
+    run_now = worker._run_now
+    cancelled_at_commit: list[bool] = []
+
+    def run_now_then_cancel(*args: object) -> object:
+        done = run_now(*args)
+        if done is not None and args[1]:  # a write that committed at once
+            caller = asyncio.current_task()
+            assert caller is not None
+            asyncio.get_running_loop().call_soon(caller.cancel)
+            cancelled_at_commit.append(True)
+        return done
+
+    monkeypatch.setattr(worker, "_run_now", run_now_then_cancel)
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.create_task(handler.handle_result("t", {"v": 1}, is_main_running=hot))
+    monkeypatch.undo()
+    assert cancelled_at_commit == [True]
+    await next_turns()
+    assert stored_statuses(db_path) == {"t": "success"}
+    assert task.status is RunNodeStatus.SUCCESS and task.result == {"v": 1}
+    assert [node.status for node in state.nodes] == [RunNodeStatus.SUCCESS]
+    assert merged == (["t"] if hot else [])
+    assert pending_ids(db_path) == ([] if hot else ["t"])
+    with pytest.raises(BackgroundTaskError, match="already completed"):
+        await handler.handle_result("t", {"v": 2}, is_main_running=hot)
+    await handler.aclose()
+    assert merged == (["t"] if hot else [])

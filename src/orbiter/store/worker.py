@@ -323,17 +323,16 @@ class CommitWorker:
         if staged is None and not self._async_writes and _alone_in_turn(loop):
             # No other callback runs in this turn, so no other write can join this one:
             # what the end of the turn would do (a lone write, inline), done right away.
-            item: _Queued[T] = _Queued(run, writes, relaxed)
-            if self._run_inline(item):
+            done = self._run_now(run, writes, relaxed)
+            if done is not None:
                 try:
                     # Still give the loop its turn (timers, I/O, a timeout's cancel), as
                     # the hand-on would: a loop of calls must not hold the loop.
                     await asyncio.sleep(0)
                 except asyncio.CancelledError as cancelled:
-                    if report_committed and item.outcome[0]:
-                        raise CommittedThenCancelled(cancelled, item.outcome[1]) from None
+                    _report(done.outcome, cancelled, report_committed)
                     raise
-                return _result(item)
+                return _result(done)
         waiter = _Waiter(loop=loop)
         if staged is None:
             if self._closed:
@@ -345,7 +344,7 @@ class CommitWorker:
         try:
             return await waiter  # type: ignore[no-any-return]
         except asyncio.CancelledError as cancelled:
-            _report(waiter, cancelled, report_committed)
+            _report(_outcome(waiter), cancelled, report_committed)
             raise
         finally:
             self._async_writes -= 1
@@ -376,7 +375,7 @@ class CommitWorker:
         try:
             return await waiter  # type: ignore[no-any-return]
         except asyncio.CancelledError as cancelled:
-            _report(waiter, cancelled, report_committed)
+            _report(_outcome(waiter), cancelled, report_committed)
             raise
 
     async def acall_to_end(self, run: Operation[T], *, relaxed: bool = False) -> T:
@@ -566,12 +565,22 @@ def _alone_in_turn(loop: asyncio.AbstractEventLoop) -> bool:
     return task is not None and not task.cancelling()
 
 
-def _report(waiter: _Waiter, cancelled: asyncio.CancelledError, report_committed: bool) -> None:
+def _outcome(waiter: _Waiter) -> tuple[bool, Any]:
+    """A waiter's answer as an operation's ``outcome``; (False, None) if there is none."""
+    if not waiter.done() or waiter.cancelled():
+        return (False, None)
+    error = waiter.exception()
+    return (False, error) if error is not None else (True, waiter.result())
+
+
+def _report(
+    outcome: tuple[bool, Any], cancelled: asyncio.CancelledError, report_committed: bool
+) -> None:
     """On a caller's cancellation: raise :class:`CommittedThenCancelled` if asked to and
     the operation ran and succeeded (the caller then re-raises ``cancelled`` otherwise)."""
-    ran = waiter.done() and not waiter.cancelled()
-    if report_committed and ran and waiter.exception() is None:
-        raise CommittedThenCancelled(cancelled, waiter.result()) from None
+    ok, value = outcome
+    if report_committed and ok:
+        raise CommittedThenCancelled(cancelled, value) from None
 
 
 def _result(item: _Queued[T]) -> T:
