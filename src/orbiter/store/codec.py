@@ -148,19 +148,6 @@ def _plain_copy(value: Any, depth: int = 0) -> Any:
     raise _NotPlain
 
 
-def _refuse(value: Any) -> Any:
-    """``orjson``'s hook for a type it does not write itself: never reached for a plain
-    value; refuses anything else."""
-    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
-
-
-_ORJSON_OPTIONS = (
-    orjson.OPT_PASSTHROUGH_DATACLASS
-    | orjson.OPT_PASSTHROUGH_DATETIME
-    | orjson.OPT_PASSTHROUGH_SUBCLASS
-)
-
-
 def _stdlib_dumps(value: Any) -> str:
     """Encode with the ``json`` module, which decides every case ``orjson`` does not."""
     text = _ENCODER.encode(value)
@@ -191,7 +178,7 @@ class JsonCodec:
         except _NotPlain:
             return _stdlib_dumps(value)
         try:
-            return orjson.dumps(plain, default=_refuse, option=_ORJSON_OPTIONS).decode()
+            return orjson.dumps(plain).decode()  # the copy holds exact JSON types only
         except orjson.JSONEncodeError:  # beyond orjson: an int past 64 bits, a lone surrogate
             return _stdlib_dumps(value)
 
