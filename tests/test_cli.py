@@ -495,6 +495,34 @@ def test_database_from_environment(db: Path) -> None:
     assert ok_json("stats", env={ENV_VAR: f"sqlite:///{db}"})["total"] == len(TASKS)
 
 
+def test_read_commands_leave_nothing_beside_a_closed_file(db: Path) -> None:
+    # Reading a WAL file makes a -wal and a -shm beside it; with no handler open, the
+    # read command removes them again (through SQLite, which folds the empty log).
+    assert sorted(p.name for p in db.parent.iterdir()) == [db.name]
+    before = _digest(db)
+    for command in (
+        ["tasks"],
+        ["pending"],
+        ["stats"],
+        ["migrate", "--show"],
+        ["purge", "--older-than", "1d", "--dry-run"],
+    ):
+        ok(*command, "--db", db)
+        assert sorted(p.name for p in db.parent.iterdir()) == [db.name], command
+    assert _digest(db) == before
+
+
+async def test_read_commands_leave_a_live_handlers_files_alone(db: Path) -> None:
+    async with BackgroundTaskHandler(database=db) as handler:
+        handler.submit("live", "run")
+        assert ok_json("stats", "--db", db)["total"] == len(TASKS) + 1
+        assert db.with_name(db.name + "-shm").exists()
+        # The handler goes on writing and reading through its log after the read.
+        await handler.handle_result("live", {"ok": True}, is_main_running=False)
+        assert handler.get_task("live").result == {"ok": True}  # type: ignore[union-attr]
+        assert "live" in [item["task_id"] for item in ok_json("pending", "--db", db)["pending"]]
+
+
 # -- migrate ---------------------------------------------------------------------------
 
 

@@ -9,12 +9,16 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from orbiter import migrate
 from orbiter._internal.background import BackgroundTaskHandler
 from orbiter.errors import DatabaseError, DatabaseLockedError, SchemaError
+from orbiter.store.schema import KNOWN_REVISIONS
 
 
 def digest(path: Path) -> str:
@@ -113,6 +117,49 @@ def test_newer_schema_is_refused(db_path: Path) -> None:
         with pytest.raises(SchemaError, match=r"'9999'.*newer"):
             BackgroundTaskHandler(database=db_path, auto_migrate=auto_migrate)
     assert digest(db_path) == before
+
+
+def _older_schema(path: Path) -> None:
+    BackgroundTaskHandler(database=path).close()
+    migrate.downgrade(str(path), KNOWN_REVISIONS[-2])
+
+
+def _newer_schema(path: Path) -> None:
+    BackgroundTaskHandler(database=path).close()
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+
+
+def _foreign_wal_database(path: Path) -> None:
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+
+
+@pytest.mark.parametrize(
+    "make", [_older_schema, _newer_schema, _foreign_wal_database], ids=lambda f: f.__name__[1:]
+)
+def test_a_refused_open_leaves_nothing_beside_the_file(db_path: Path, make: Any) -> None:
+    """Opening a WAL file makes its -wal and -shm; a refused open must not leave them."""
+    make(db_path)
+    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+    before = digest(db_path)
+    with pytest.raises(SchemaError):
+        BackgroundTaskHandler(database=db_path, auto_migrate=False)
+    assert sorted(p.name for p in db_path.parent.iterdir()) == [db_path.name]
+    assert digest(db_path) == before
+
+
+def test_a_refused_open_leaves_a_live_connections_log_alone(db_path: Path) -> None:
+    _newer_schema(db_path)
+    with sqlite3.connect(db_path) as reader:  # another program has the file open
+        reader.execute("SELECT count(*) FROM background_tasks").fetchall()
+        with pytest.raises(SchemaError):
+            BackgroundTaskHandler(database=db_path)
+        # Its log and index stay, and it goes on reading.
+        assert db_path.with_name(db_path.name + "-shm").exists()
+        assert reader.execute("SELECT version_num FROM alembic_version").fetchall() == [("9999",)]
+    reader.close()
 
 
 def _crash_after_writes(db_path: Path, script: str) -> None:

@@ -29,7 +29,9 @@ from orbiter.store.engine import (
     DatabaseTarget,
     check_sqlite_file,
     create_sync_engine,
+    has_log_files,
     read_only_uri,
+    remove_empty_log,
     resolve_database,
 )
 from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS
@@ -209,6 +211,7 @@ def open_for_reading(target: DatabaseTarget, *, check: bool = True) -> Iterator[
         check: Require our schema at the head revision (False: only a SQLite file).
     """
     path = check_existing_file(target)
+    had_log = has_log_files(path)
     engine = _readonly_engine(path)
     try:
         with engine.connect() as connection, connection.begin():
@@ -217,6 +220,8 @@ def open_for_reading(target: DatabaseTarget, *, check: bool = True) -> Iterator[
             yield connection
     finally:
         engine.dispose()
+        if not had_log:  # no handler had the file open: leave nothing beside it
+            remove_empty_log(path)
 
 
 def read_revision(target: DatabaseTarget) -> str | None:

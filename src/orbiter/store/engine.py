@@ -32,6 +32,8 @@ __all__ = [
     "configure_sqlite_engine",
     "create_sync_engine",
     "enable_wal",
+    "has_log_files",
+    "remove_empty_log",
     "resolve_database",
     "run_pragma",
 ]
@@ -251,6 +253,7 @@ def guarded_open(path: Path | None, where: str) -> Iterator[None]:
     if path is None:
         yield
         return
+    had_log = has_log_files(path)
     guard = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
     try:
         if path.stat().st_size <= FULL_CHECK_MAX_BYTES:
@@ -263,8 +266,38 @@ def guarded_open(path: Path | None, where: str) -> Iterator[None]:
         else:
             guard.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()  # take its lock
         yield
+    except BaseException:
+        guard.close()
+        if not had_log:
+            remove_empty_log(path)
+        raise
     finally:
         guard.close()
+
+
+def has_log_files(path: Path) -> bool:
+    """Whether a ``-wal`` or ``-shm`` file lies beside ``path``."""
+    return any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-shm"))
+
+
+def remove_empty_log(path: Path) -> None:
+    """Have SQLite remove the ``-wal`` and ``-shm`` that reading ``path`` made beside it.
+
+    Reading a WAL file creates both, and a read-only connection may not remove them when
+    it closes last. A connection that may write does, if it is the last one open
+    (otherwise another program is using them, and they stay). Only an empty log is
+    handled: folding it into the file on that close changes nothing.
+    """
+    try:
+        if path.with_name(path.name + "-wal").stat().st_size != 0:
+            return  # someone wrote to it since: not ours to fold
+        connection = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            connection.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+        finally:
+            connection.close()
+    except (OSError, sqlite3.Error):  # best effort: two empty files beside it are harmless
+        pass
 
 
 def enable_wal(connection: Connection) -> None:
