@@ -1,9 +1,10 @@
-"""Who a handler is, and whether the handler behind an ``owners`` row is still alive.
+"""Who a handler is, its ``owners`` row, and whether the handler behind a row is alive.
 
 Each durable handler registers one ``owners`` row (host, boot id, pid, process start time,
 a random id) and renews its lease with a heartbeat. Another handler decides that an owner
 is gone when that is provable (same host and boot: its pid is not running, or is running
-but is a different process) or when its lease has expired (any host).
+but is a different process) or when its lease has expired (any host). The functions that
+take a ``db`` are operations for the commit worker.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ import socket
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-__all__ = ["OwnerIdentity", "owner_gone_reason"]
+from orbiter.store import queries
+from orbiter.store.codec import TIMESTAMP_FORMAT, utc_now_text
+from orbiter.store.executor import Db
+
+__all__ = [
+    "OwnerIdentity",
+    "close_owner",
+    "forget_owner_if_unused",
+    "owner_gone_reason",
+    "owner_rows",
+    "record_heartbeat",
+]
 
 
 def _read(path: str) -> str | None:
@@ -111,3 +124,37 @@ def owner_gone_reason(row: Mapping[str, Any] | None, me: OwnerIdentity, now: str
     if row["lease_expires_at"] < now:
         return f"owner {row['host']}:{row['pid']} stopped renewing its lease"
     return None
+
+
+# -- the owners table ---------------------------------------------------------------
+
+
+def owner_rows(db: Db) -> dict[str, dict[str, Any]]:
+    """Every ``owners`` row, by owner id."""
+    return {row["owner_id"]: row for row in db.mappings(queries.select_owners())}
+
+
+def record_heartbeat(me: OwnerIdentity, lease_timeout: float, db: Db) -> None:
+    """Register ``me``, or renew its lease: alive for ``lease_timeout`` seconds from now."""
+    now = datetime.now(UTC)
+    expires = now + timedelta(seconds=lease_timeout)
+    db.execute(
+        queries.record_heartbeat(),
+        {
+            **me.as_row(),
+            "now": now.strftime(TIMESTAMP_FORMAT),
+            "lease_expires_at": expires.strftime(TIMESTAMP_FORMAT),
+        },
+    )
+
+
+def close_owner(owner_id: str, db: Db) -> None:
+    """Mark the owner closed: its running tasks are orphans any process may settle."""
+    db.execute(queries.close_owner(), {"id": owner_id, "now": utc_now_text()})
+
+
+def forget_owner_if_unused(db: Db, owner_id: str) -> None:
+    """Delete a gone owner's row (and free its drains' items) once no task is active."""
+    if not db.scalar(queries.owner_has_active_tasks(), {"id": owner_id}):
+        db.execute(queries.release_claims_of_owner(), {"prefix": owner_id + "/%"})
+        db.execute(queries.delete_owner(), {"id": owner_id})

@@ -17,7 +17,6 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Callable, Collection, Sequence
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -38,8 +37,8 @@ from orbiter.errors import (
 )
 from orbiter.migrate import ensure_schema
 from orbiter.store import CommittedThenCancelled, queries
+from orbiter.store.claims import acknowledge, any_free_item, claim_next
 from orbiter.store.codec import (
-    TIMESTAMP_FORMAT,
     Codec,
     check_id,
     encode_value,
@@ -57,7 +56,14 @@ from orbiter.store.engine import (
 )
 from orbiter.store.executor import Db
 from orbiter.store.heartbeat import Heartbeat
-from orbiter.store.owner import OwnerIdentity, owner_gone_reason
+from orbiter.store.owner import (
+    OwnerIdentity,
+    close_owner,
+    forget_owner_if_unused,
+    owner_gone_reason,
+    owner_rows,
+    record_heartbeat,
+)
 from orbiter.store.worker import CommitWorker, Operation
 
 __all__ = ["SqlStore"]
@@ -145,7 +151,7 @@ class SqlStore:
             name="orbiter-bg-commit",
         )
         try:
-            self._worker.call(self._register_owner)
+            self._worker.call(partial(record_heartbeat, self.identity, lease_timeout))
         except BaseException:
             self._worker.close()
             raise
@@ -379,7 +385,7 @@ class SqlStore:
         claimer = self._new_claimer()
 
         def pop_all(db: Db) -> list[TaskRow]:
-            rows = self._claim(db, claimer, None, after=0, upto=None, limit=-1)
+            rows = claim_next(db, self.identity, claimer, None, after=0, upto=None, limit=-1)
             db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             return rows
 
@@ -412,7 +418,8 @@ class SqlStore:
             while True:
                 batch = await self._worker.acall(
                     partial(
-                        self._claim,
+                        claim_next,
+                        me=self.identity,
                         claimer=claimer,
                         parent=parent_task_id,
                         after=after,
@@ -429,9 +436,7 @@ class SqlStore:
                     # remove it before handing out the next (a process-crash-safe commit;
                     # losing it to power loss means a redelivery, never a loss).
                     after = row[0]
-                    await self._worker.acall(
-                        partial(self._acknowledge, claimer, after), relaxed=True
-                    )
+                    await self._worker.acall(partial(acknowledge, claimer, after), relaxed=True)
         finally:
             # Stopped early (the consumer raised or broke off, or was cancelled, perhaps
             # while a claim committed): free what we hold.
@@ -443,7 +448,8 @@ class SqlStore:
         try:
             rows = await self._worker.acall(
                 partial(
-                    self._claim,
+                    claim_next,
+                    me=self.identity,
                     claimer=claimer,
                     parent=parent_task_id,
                     after=0,
@@ -475,92 +481,14 @@ class SqlStore:
                 relaxed=True,
             )
 
-    # -- claims ----------------------------------------------------------------------
-
     def _new_claimer(self) -> str:
+        """A name for one drain's claims: ``"<owner_id>/<drain number>"``."""
         return f"{self.identity.owner_id}/{next(self._drains)}"
-
-    def _claim(
-        self,
-        db: Db,
-        claimer: str,
-        parent: str | None,
-        *,
-        after: int,
-        upto: int | None,
-        limit: int,
-    ) -> list[TaskRow]:
-        """Free items held by gone drains, then claim the next free ones for ``claimer``."""
-        now = utc_now_text()
-        self._release_dead_claims(db, now)
-        if upto is None:
-            upto = db.scalar(queries.max_pending_seq())
-            if upto is None:
-                return []
-        params = {
-            "claimer": claimer,
-            "now": now,
-            "after": after,
-            "upto": upto,
-            "limit": limit,
-            "parent": parent,
-        }
-        db.execute(queries.claim_pending(parent is not None), params)
-        return db.all(queries.claimed_items(), {"claimer": claimer})
-
-    def _release_dead_claims(self, db: Db, now: str) -> None:
-        for claimer, reason in self._gone_claimers(db, now):
-            logger.warning("released pending items held by a gone drain (%s)", reason)
-            db.execute(queries.release_claims(), {"claimer": claimer})
-
-    def _gone_claimers(self, db: Db, now: str) -> list[tuple[str, str]]:
-        """Drains of other handlers that hold items and are provably gone, with why."""
-        held = [row[0] for row in db.all(queries.claimers())]
-        others = [c for c in held if not c.startswith(self.identity.owner_id + "/")]
-        if not others:
-            return []
-        owners_by_id = self._owner_rows(db)
-        gone = []
-        for claimer in others:
-            owner_row = owners_by_id.get(claimer.split("/", 1)[0])
-            reason = owner_gone_reason(owner_row, self.identity, now)
-            if reason is not None:
-                gone.append((claimer, reason))
-        return gone
-
-    def _free_pending_now(self, db: Db) -> bool:
-        """Whether an item is free to drain, counting those a gone drain still holds."""
-        return _any_free_pending(db) or bool(self._gone_claimers(db, utc_now_text()))
-
-    @staticmethod
-    def _acknowledge(claimer: str, seq: int, db: Db) -> None:
-        deleted = db.changes(queries.acknowledge_claimed(), {"seq": seq, "claimer": claimer})
-        if deleted == 0:
-            logger.warning(
-                "pending item %d was taken over by another drain while this one held it "
-                "(this process was thought gone): it may be merged twice",
-                seq,
-            )
 
     # -- owners ------------------------------------------------------------------------
 
-    @staticmethod
-    def _owner_rows(db: Db) -> dict[str, dict[str, Any]]:
-        return {row["owner_id"]: row for row in db.mappings(queries.select_owners())}
-
-    def _lease_params(self) -> dict[str, Any]:
-        now = datetime.now(UTC)
-        expires = now + timedelta(seconds=self._lease_timeout)
-        return {
-            "now": now.strftime(TIMESTAMP_FORMAT),
-            "lease_expires_at": expires.strftime(TIMESTAMP_FORMAT),
-        }
-
-    def _register_owner(self, db: Db) -> None:
-        db.execute(queries.record_heartbeat(), {**self.identity.as_row(), **self._lease_params()})
-
     def _renew_lease(self, db: Db) -> None:
-        db.execute(queries.record_heartbeat(), {**self.identity.as_row(), **self._lease_params()})
+        record_heartbeat(self.identity, self._lease_timeout, db)
 
     async def recover_orphans(
         self, action: str, protect: Collection[str] = ()
@@ -570,7 +498,7 @@ class SqlStore:
 
         def recover(db: Db) -> list[tuple[TaskRow, str]]:
             now = utc_now_text()
-            owners_by_id = self._owner_rows(db)
+            owners_by_id = owner_rows(db)
             settled: list[tuple[TaskRow, str]] = []
             for (owner_id,) in db.all(queries.owners_of_active_tasks()):
                 if owner_id == me.owner_id or owner_id in protect:
@@ -588,7 +516,7 @@ class SqlStore:
                 settled.extend((tuple(row), reason) for row in rows)
             for owner_id, row in owners_by_id.items():
                 if owner_id != me.owner_id and owner_gone_reason(row, me, now) is not None:
-                    self._forget_owner_if_unused(db, owner_id)
+                    forget_owner_if_unused(db, owner_id)
             return settled
 
         try:
@@ -598,18 +526,12 @@ class SqlStore:
             raise
         return [(self._task_from_row(row), reason) for row, reason in rows]
 
-    @staticmethod
-    def _forget_owner_if_unused(db: Db, owner_id: str) -> None:
-        if not db.scalar(queries.owner_has_active_tasks(), {"id": owner_id}):
-            db.execute(queries.release_claims_of_owner(), {"prefix": owner_id + "/%"})
-            db.execute(queries.delete_owner(), {"id": owner_id})
-
     async def wait_pending(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seen = self.pending_signal.version
             # Items a killed drain held are free too: the next drain takes them back.
-            found = await self._worker.acall(self._free_pending_now, writes=False)
+            found = await self._worker.acall(partial(any_free_item, me=self.identity), writes=False)
             if found:
                 return True
             step = self._poll_interval
@@ -643,12 +565,8 @@ def _shut_down(worker: CommitWorker, heartbeat: Heartbeat, owner_id: str) -> Non
         return
     heartbeat.stop()
     with contextlib.suppress(BackgroundTaskError):
-        worker.call(partial(_close_owner, owner_id))
+        worker.call(partial(close_owner, owner_id))
     worker.close()
-
-
-def _close_owner(owner_id: str, db: Db) -> None:
-    db.execute(queries.close_owner(), {"id": owner_id, "now": utc_now_text()})
 
 
 def translate_error(where: str, exc: BaseException) -> BaseException:
@@ -677,7 +595,3 @@ def translate_error(where: str, exc: BaseException) -> BaseException:
     if "unable to open" in lowered:
         return DatabaseError(f"{where}: cannot open the database ({message})")
     return DatabaseError(f"{where}: {message}")
-
-
-def _any_free_pending(db: Db) -> bool:
-    return bool(db.scalar(queries.has_free_pending()))

@@ -1,0 +1,94 @@
+"""Claims on pending items: which drain holds which item, taken and freed in SQL.
+
+A drain claims items (``pending_queue.claimed_by`` = ``"<owner_id>/<drain number>"``)
+before it hands them out, so concurrent drains, in this process or another, never share
+an item while its holder lives. Items held by a drain whose handler is provably gone are
+freed by the next claim. Each function here is an operation for the commit worker: it
+runs inside the worker's transaction, on ``db``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from orbiter.store import queries
+from orbiter.store.codec import utc_now_text
+from orbiter.store.executor import Db
+from orbiter.store.owner import OwnerIdentity, owner_gone_reason, owner_rows
+
+__all__ = ["acknowledge", "any_free_item", "claim_next"]
+
+logger = logging.getLogger(__name__)
+
+
+def claim_next(
+    db: Db,
+    me: OwnerIdentity,
+    claimer: str,
+    parent: str | None,
+    *,
+    after: int,
+    upto: int | None,
+    limit: int,
+) -> list[Sequence[Any]]:
+    """Free items held by gone drains, then claim for ``claimer`` up to ``limit`` free
+    items (-1: all) after enqueue number ``after`` and up to ``upto`` (None: the newest),
+    of run ``parent`` or of every run; return what ``claimer`` holds, in enqueue order."""
+    now = utc_now_text()
+    _release_dead_claims(db, me, now)
+    if upto is None:
+        upto = db.scalar(queries.max_pending_seq())
+        if upto is None:
+            return []
+    params = {
+        "claimer": claimer,
+        "now": now,
+        "after": after,
+        "upto": upto,
+        "limit": limit,
+        "parent": parent,
+    }
+    db.execute(queries.claim_pending(parent is not None), params)
+    return db.all(queries.claimed_items(), {"claimer": claimer})
+
+
+def acknowledge(claimer: str, seq: int, db: Db) -> None:
+    """Remove item ``seq``, which ``claimer`` holds (its merge is done)."""
+    deleted = db.changes(queries.acknowledge_claimed(), {"seq": seq, "claimer": claimer})
+    if deleted == 0:
+        logger.warning(
+            "pending item %d was taken over by another drain while this one held it "
+            "(this process was thought gone): it may be merged twice",
+            seq,
+        )
+
+
+def any_free_item(db: Db, me: OwnerIdentity) -> bool:
+    """Whether an item is free to drain, counting those a gone drain still holds."""
+    if db.scalar(queries.has_free_pending()):
+        return True
+    return bool(_gone_claimers(db, me, utc_now_text()))
+
+
+def _release_dead_claims(db: Db, me: OwnerIdentity, now: str) -> None:
+    for claimer, reason in _gone_claimers(db, me, now):
+        logger.warning("released pending items held by a gone drain (%s)", reason)
+        db.execute(queries.release_claims(), {"claimer": claimer})
+
+
+def _gone_claimers(db: Db, me: OwnerIdentity, now: str) -> list[tuple[str, str]]:
+    """Drains of other handlers that hold items and are provably gone, with why."""
+    held = [row[0] for row in db.all(queries.claimers())]
+    others = [claimer for claimer in held if not claimer.startswith(me.owner_id + "/")]
+    if not others:
+        return []
+    owners_by_id = owner_rows(db)
+    gone = []
+    for claimer in others:
+        owner_row = owners_by_id.get(claimer.split("/", 1)[0])
+        reason = owner_gone_reason(owner_row, me, now)
+        if reason is not None:
+            gone.append((claimer, reason))
+    return gone
