@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -377,3 +380,73 @@ async def test_a_cancel_landing_in_the_turn_after_an_at_once_commit_keeps_the_re
         await handler.handle_result("t", {"v": 2}, is_main_running=hot)
     await handler.aclose()
     assert merged == (["t"] if hot else [])
+
+
+_SIGNAL_CANCELS = """
+import asyncio, faulthandler, logging, random, signal, sys
+from orbiter._internal.background import BackgroundTaskHandler
+logging.disable(logging.WARNING)
+faulthandler.dump_traceback_later(60, exit=True)  # a hang fails the test, with stacks
+
+async def main():
+    handler = BackgroundTaskHandler(database=sys.argv[1], synchronous="NORMAL")
+    me = asyncio.current_task()
+    signal.signal(signal.SIGALRM, lambda *_: me.cancel())  # what asyncio.run does on ^C
+    busy = True
+    async def spin():  # another ready callback: writes are staged, handed on inline
+        while busy:
+            await asyncio.sleep(0)
+    spinner = asyncio.create_task(spin())
+    outcomes = {"stored": 0, "cancelled": 0}
+    for index in range(1000):
+        handler.submit(f"t{index}", "run")
+        signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-5, 3e-4))
+        try:
+            await handler.handle_result(f"t{index}", index, is_main_running=False)
+            outcomes["stored"] += 1
+        except asyncio.CancelledError:
+            outcomes["cancelled"] += 1
+            while me.uncancel():
+                pass
+        try:
+            await asyncio.sleep(0.0005)  # a late alarm fires out here
+        except asyncio.CancelledError:
+            while me.uncancel():
+                pass
+    busy = False
+    await spinner
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    await handler.aclose()
+    print(outcomes["stored"], outcomes["cancelled"])
+
+asyncio.run(main())
+"""
+
+
+def test_a_signal_handler_cancelling_the_task_mid_write_does_not_hang(tmp_path: Path) -> None:
+    # A signal handler runs between two bytecodes of the main thread, so it can land
+    # while that thread decides a write's fate under the worker's start lock (handing
+    # on its own staged write). Its Task.cancel() used to wait for that lock forever.
+    script = tmp_path / "signal_cancels.py"
+    script.write_text(_SIGNAL_CANCELS)
+    database = tmp_path / "tasks.db"
+    done = subprocess.run(
+        [sys.executable, str(script), str(database)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored, cancelled = map(int, done.stdout.split())
+    assert stored + cancelled == 1000
+    # Whatever each call reported, every task is either done or still running: never
+    # half-written (a stored result is queued, a running task has no result).
+    with closing(sqlite3.connect(database)) as connection:
+        rows = connection.execute(
+            "SELECT status, result IS NULL, task_id IN (SELECT task_id FROM pending_queue) "
+            "FROM background_tasks"
+        ).fetchall()
+    assert len(rows) == 1000
+    assert set(rows) <= {("success", 0, 1), ("running", 1, 0)}
+    assert sum(1 for row in rows if row[0] == "success") >= stored

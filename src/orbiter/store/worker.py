@@ -66,6 +66,11 @@ Operation = Callable[[Db], T]
 #: caller's cancellation withdrawing it (see :class:`_Waiter`).
 _START_LOCK = threading.Lock()
 
+#: ``deciding`` is True on a thread from just before it takes ``_START_LOCK`` until it
+#: has let go: a signal handler that runs there (``asyncio.run`` cancels the main task on
+#: Ctrl-C) and cancels a waiter must not wait for a lock its own thread holds.
+_here = threading.local()
+
 
 class _Waiter(asyncio.Future[Any]):
     """An async caller's answer, which cannot be cancelled once its operation started.
@@ -80,10 +85,18 @@ class _Waiter(asyncio.Future[Any]):
     started = False  # set (under _START_LOCK) right before the operation runs
 
     def cancel(self, msg: Any = None) -> bool:
-        with _START_LOCK:
-            if self.started:
-                return False
-            return super().cancel(msg)
+        if getattr(_here, "deciding", False):
+            # Called by a signal handler while this thread decides an operation's fate:
+            # refuse, as for a started operation; the task is cancelled once it is done.
+            return False
+        _here.deciding = True
+        try:
+            with _START_LOCK:
+                if self.started:
+                    return False
+                return super().cancel(msg)
+        finally:
+            _here.deciding = False
 
 
 @dataclass(slots=True, eq=False)
@@ -115,11 +128,15 @@ class _Queued(Generic[T]):
         waiter = self.waiter
         if waiter is None or waiter.started:
             return True
-        with _START_LOCK:
-            if waiter.cancelled():
-                return False
-            waiter.started = True
-            return True
+        _here.deciding = True
+        try:
+            with _START_LOCK:
+                if waiter.cancelled():
+                    return False
+                waiter.started = True
+                return True
+        finally:
+            _here.deciding = False
 
 
 class CommitWorker:
