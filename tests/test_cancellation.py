@@ -288,6 +288,44 @@ async def test_a_restore_cancelled_while_its_claim_commits_leaves_the_items_free
     await handler.aclose()
 
 
+async def test_a_restore_cancelled_while_its_acknowledgement_waits_commits_it_first(
+    db_path: Path,
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    for index in range(3):
+        handler.submit(f"w{index}", "run")
+        await handler.handle_result(f"w{index}", index, is_main_running=False)
+    for blocker in ("b1", "b2"):
+        handler.submit(blocker, "run")
+    busy = slow_completions(handler, 0.2)
+    seen_when_cancelled: list[list[str]] = []
+
+    async def restore() -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        try:
+            async with handler.restore_pending() as results:
+                assert len(results) == 3
+                # Two writes of one turn go to the worker, which is then busy for 0.2 s.
+                for blocker in ("b1", "b2"):
+                    blockers.append(asyncio.ensure_future(handler.handle_result(blocker, 0)))
+                assert await asyncio.to_thread(busy.wait, 10)
+                # Cancelled right after the block ends: its acknowledgement is queued.
+                asyncio.get_running_loop().call_soon(me.cancel)
+        except asyncio.CancelledError:
+            seen_when_cancelled.append(pending_ids(db_path))
+            raise
+
+    blockers: list[asyncio.Future[BackgroundTask]] = []
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.ensure_future(restore())
+    # The merge finished, so the acknowledgement committed before the cancellation.
+    assert seen_when_cancelled == [[]]
+    assert handler.pending_queue.size == 0
+    await asyncio.gather(*blockers)
+    await handler.aclose()
+
+
 async def test_a_restore_cancelled_inside_its_block_keeps_every_item(db_path: Path) -> None:
     handler = BackgroundTaskHandler(database=db_path)
     for index in range(3):

@@ -398,9 +398,16 @@ class CommitWorker:
     async def acall_to_end(self, run: Operation[T], *, relaxed: bool = False) -> T:
         """Run ``run`` on the worker thread and return once it has committed; cancelling
         the caller does not stop it (for operations nothing else would redo, like ending
-        a claim): the cancellation is raised at once while ``run`` still runs to its end."""
-        done = self.submit(run, relaxed=relaxed, urgent=False)
-        return await asyncio.shield(asyncio.wrap_future(done))
+        a claim): the cancellation is raised once ``run`` has finished, so what the caller
+        does next sees its effect."""
+        finished = asyncio.wrap_future(self.submit(run, relaxed=relaxed, urgent=False))
+        try:
+            return await asyncio.shield(finished)
+        except asyncio.CancelledError:
+            while not finished.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(finished)
+            raise
 
     def close(self) -> None:
         """Finish what is queued, then close the connection and stop the thread."""
