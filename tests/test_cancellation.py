@@ -316,7 +316,7 @@ async def test_a_restore_cancelled_while_its_acknowledgement_waits_commits_it_fi
             seen_when_cancelled.append(pending_ids(db_path))
             raise
 
-    blockers: list[asyncio.Future[BackgroundTask]] = []
+    blockers: list[asyncio.Future[MergeMode]] = []
     with pytest.raises(asyncio.CancelledError):
         await asyncio.ensure_future(restore())
     # The merge finished, so the acknowledgement committed before the cancellation.
