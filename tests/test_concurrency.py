@@ -114,3 +114,35 @@ def test_two_processes_write_one_file(db_path: Path) -> None:
         assert statuses == {"success": 2 * (count - count // 4), "failed": 2 * (count // 4)}
         assert connection.execute("SELECT count(*) FROM pending_queue").fetchone() == (0,)
         assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_two_threads_closing_at_once_both_wait_for_the_queued_writes(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    ids = [f"t{index}" for index in range(2000)]
+    for task_id in ids:
+        handler.submit(task_id, "run")
+    loop = asyncio.new_event_loop()
+
+    async def queue_writes() -> list[asyncio.Task[MergeMode]]:
+        writes = [asyncio.create_task(handler.handle_result(i, 1)) for i in ids]
+        await asyncio.sleep(0)  # they stage their writes, handed to the worker at once
+        await asyncio.sleep(0)
+        return writes
+
+    writes = loop.run_until_complete(queue_writes())
+    finished_when_returned: dict[str, int] = {}
+
+    def close(name: str) -> None:
+        handler.close()
+        with sqlite3.connect(db_path) as connection:
+            query = "SELECT count(*) FROM background_tasks WHERE status = 'success'"
+            finished_when_returned[name] = connection.execute(query).fetchone()[0]
+
+    closers = [threading.Thread(target=close, args=(name,)) for name in ("a", "b")]
+    for closer in closers:
+        closer.start()
+    for closer in closers:
+        closer.join()
+    assert finished_when_returned == {"a": 2000, "b": 2000}
+    assert set(loop.run_until_complete(asyncio.gather(*writes))) == {MergeMode.HOT}
+    loop.close()

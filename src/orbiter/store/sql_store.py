@@ -157,8 +157,9 @@ class SqlStore:
             raise
         self._heartbeat = Heartbeat(self._worker, self._renew_lease, heartbeat_interval)
         # Closes a handler that is dropped (or still open at exit) without close().
+        self._shut = threading.Event()  # set once the shutdown below has finished
         self._finalizer = weakref.finalize(
-            self, _shut_down, self._worker, self._heartbeat, self.identity.owner_id
+            self, _shut_down, self._worker, self._heartbeat, self.identity.owner_id, self._shut
         )
 
     # -- opening and errors --------------------------------------------------------
@@ -543,7 +544,9 @@ class SqlStore:
             await self.pending_signal.wait_for_change(seen, step)
 
     def close(self) -> None:
-        self._finalizer()
+        self._finalizer()  # runs the shutdown once; a concurrent closer waits for it
+        if not self._worker.on_commit_thread:
+            self._shut.wait()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
@@ -553,20 +556,27 @@ def _any_pending(db: Db) -> bool:
     return bool(db.scalar(queries.has_pending()))
 
 
-def _shut_down(worker: CommitWorker, heartbeat: Heartbeat, owner_id: str) -> None:
+def _shut_down(
+    worker: CommitWorker, heartbeat: Heartbeat, owner_id: str, done: threading.Event
+) -> None:
     """Stop the heartbeat, mark the owner closed (its running tasks become orphans that
-    any process may settle at once), and close the connection."""
+    any process may settle at once), close the connection, then set ``done``."""
     if worker.on_commit_thread:
         # Collected on the commit thread (a cycle through an on_merge callback, say):
         # it cannot wait for itself, so another thread does the closing.
         threading.Thread(
-            target=_shut_down, args=(worker, heartbeat, owner_id), name="orbiter-bg-close"
+            target=_shut_down,
+            args=(worker, heartbeat, owner_id, done),
+            name="orbiter-bg-close",
         ).start()
         return
-    heartbeat.stop()
-    with contextlib.suppress(BackgroundTaskError):
-        worker.call(partial(close_owner, owner_id))
-    worker.close()
+    try:
+        heartbeat.stop()
+        with contextlib.suppress(BackgroundTaskError):
+            worker.call(partial(close_owner, owner_id))
+        worker.close()
+    finally:
+        done.set()
 
 
 def translate_error(where: str, exc: BaseException) -> BaseException:

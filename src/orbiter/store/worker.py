@@ -410,12 +410,12 @@ class CommitWorker:
             raise
 
     def close(self) -> None:
-        """Finish what is queued, then close the connection and stop the thread."""
+        """Finish what is queued, then close the connection and stop the thread (also
+        when another thread is closing it already)."""
         with self._wakeup:
-            if self._closed:
-                return
-            self._closed = True
-            self._wakeup.notify()
+            if not self._closed:
+                self._closed = True
+                self._wakeup.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
