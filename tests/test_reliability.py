@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -197,6 +200,59 @@ async def test_concurrent_drains_in_one_process_never_share_items(
     assert not set(first) & set(second)
     assert sorted(first + second) == sorted(ids)
     assert durable.pending_queue.empty
+
+
+async def wrapped(handler: BackgroundTaskHandler) -> AsyncIterator[BackgroundTask]:
+    """A consumer's own generators around a drain (two levels)."""
+
+    async def inner() -> AsyncIterator[BackgroundTask]:
+        async for task in handler.drain_pending():
+            yield task
+
+    async for task in inner():
+        yield task
+
+
+async def test_a_wrapped_drain_broken_off_redelivers_the_item_in_hand(
+    handler: BackgroundTaskHandler,
+) -> None:
+    # More than one claim batch: the items after the broken drain's batch are free, so a
+    # drain that did not wait for it to close would start there.
+    ids = await queue_results(handler, "run", 150)
+    consumer = wrapped(handler)
+    async for task in consumer:
+        if task.task_id == ids[2]:
+            break
+    del consumer  # dropped: the loop closes the three generators over several turns
+    assert [task.task_id async for task in handler.drain_pending()] == ids[2:]
+
+
+def test_a_drain_broken_off_on_one_thread_is_resumed_on_another(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    ids = asyncio.run(queue_results(handler, "run", 150))
+    broke = threading.Event()
+    drained: list[str] = []
+
+    async def break_off() -> None:
+        consumer = handler.drain_pending()
+        async for task in consumer:
+            if task.task_id == ids[2]:
+                break
+        del consumer
+        broke.set()
+        time.sleep(0.02)  # this loop is slow to close the drain
+        await asyncio.sleep(0.2)
+
+    async def drain_again() -> None:
+        drained.extend([task.task_id async for task in handler.drain_pending()])
+
+    first = threading.Thread(target=asyncio.run, args=(break_off(),))
+    first.start()
+    assert broke.wait(10)
+    asyncio.run(drain_again())
+    first.join()
+    handler.close()
+    assert drained == ids[2:]
 
 
 def test_two_processes_draining_never_share_items(db_path: Path) -> None:

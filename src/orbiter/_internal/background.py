@@ -16,7 +16,8 @@ import inspect
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
@@ -57,15 +58,44 @@ class OrphanAction(StrEnum):
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 
 
-async def _let_abandoned_drains_finish() -> None:
-    """Give drains whose consumer raised or broke off the loop turns they need to close.
+class _OpenDrains:
+    """The drains (and restores) of one handler that have not finished closing.
 
-    Python closes an abandoned async generator by scheduling ``aclose()`` on the loop
-    (one turn to create the task, one to run it); closing frees the items it held, so a
-    new drain started right after sees them.
+    A drain the consumer stops early (``break``, an exception) frees the items it holds
+    when Python closes it: the loop schedules its ``aclose()`` a turn or two later (more
+    turns when the consumer's own generators wrap it, and on another loop when another
+    thread iterates it). A new drain first waits for those, so that it starts at the item
+    the consumer held. A drain still in use by a concurrent consumer looks the same, so
+    the wait is bounded: after ``WAIT_TURNS`` loop turns and ``WAIT_POLLS`` pauses of
+    ``POLL_SECONDS`` (~50 ms) the new drain goes ahead and leaves the items held elsewhere
+    to their holder.
     """
-    for _ in range(2):
-        await asyncio.sleep(0)
+
+    WAIT_TURNS = 20
+    WAIT_POLLS = 50
+    POLL_SECONDS = 0.001
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # drains may run on several threads' loops
+        self._count = 0
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[None]:
+        """Count a drain as open until its items are freed or acknowledged."""
+        with self._lock:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._count -= 1
+
+    async def wait_for_closing(self) -> None:
+        """Let drains that are closing finish first (see the class docstring)."""
+        for turn in range(self.WAIT_TURNS + self.WAIT_POLLS):
+            if not self._count:
+                return
+            await asyncio.sleep(0 if turn < self.WAIT_TURNS else self.POLL_SECONDS)
 
 
 class PendingQueue:
@@ -198,6 +228,7 @@ class BackgroundTaskHandler:
         #: Work a cancelled call left to finish: hot merges (see handle_result) and
         #: resubmissions (see recover_orphans).
         self._detached: set[asyncio.Task[None]] = set()
+        self._open_drains = _OpenDrains()
         self._store: TaskStore
         if database is None:
             self._store = MemoryStore()
@@ -366,7 +397,9 @@ class BackgroundTaskHandler:
         drain yields *k* again and everything after it, never anything before: delivery
         is at-least-once for the item in hand, so merge idempotently by ``task_id``.
         Items a drain holds are claimed: concurrent drains (other coroutines or processes)
-        never receive the same item while its holder is alive.
+        never receive the same item while its holder is alive. A new drain first waits,
+        briefly, for this handler's drains that were stopped early to close (see
+        ``_OpenDrains``), so it starts at the item they held.
 
         Args:
             parent_task_id: Only drain the results of this run (default: all runs).
@@ -376,12 +409,13 @@ class BackgroundTaskHandler:
         """
         if parent_task_id is not None:
             check_id(parent_task_id, "parent_task_id")
-        await _let_abandoned_drains_finish()
-        async with contextlib.aclosing(self._store.iter_pending(parent_task_id)) as pending:
-            async for task in pending:
-                if self._merge_callbacks:
-                    await self._notify_merge(task, MergeMode.WAKEUP)
-                yield task
+        await self._open_drains.wait_for_closing()
+        with self._open_drains.opened():
+            async with contextlib.aclosing(self._store.iter_pending(parent_task_id)) as pending:
+                async for task in pending:
+                    if self._merge_callbacks:
+                        await self._notify_merge(task, MergeMode.WAKEUP)
+                    yield task
 
     @contextlib.asynccontextmanager
     async def restore_pending(
@@ -400,16 +434,17 @@ class BackgroundTaskHandler:
         """
         if parent_task_id is not None:
             check_id(parent_task_id, "parent_task_id")
-        await _let_abandoned_drains_finish()
-        claimer, tasks = await self._store.claim_batch(parent_task_id)
-        merged = False
-        try:
-            for task in tasks:
-                await self._notify_merge(task, MergeMode.WAKEUP)
-            yield tasks
-            merged = True
-        finally:
-            await self._store.settle_batch(claimer, merged=merged)
+        await self._open_drains.wait_for_closing()
+        with self._open_drains.opened():
+            claimer, tasks = await self._store.claim_batch(parent_task_id)
+            merged = False
+            try:
+                for task in tasks:
+                    await self._notify_merge(task, MergeMode.WAKEUP)
+                yield tasks
+                merged = True
+            finally:
+                await self._store.settle_batch(claimer, merged=merged)
 
     async def recover_orphans(
         self,
