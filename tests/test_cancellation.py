@@ -326,6 +326,30 @@ async def test_a_restore_cancelled_while_its_acknowledgement_waits_commits_it_fi
     await handler.aclose()
 
 
+async def test_a_timeout_while_a_restore_acknowledgement_fails_is_still_a_timeout(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=0.3)
+    for index in range(3):
+        handler.submit(f"w{index}", "run")
+        await handler.handle_result(f"w{index}", index, is_main_running=False)
+    other = sqlite3.connect(db_path, isolation_level=None)  # another program, writing
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.1):
+                async with handler.restore_pending() as results:
+                    assert len(results) == 3
+                    other.execute("BEGIN IMMEDIATE")
+        # The timeout came while the acknowledgement waited for the lock; that then
+        # failed (busy_timeout), which is logged, and the items stay pending.
+        assert "left to finish failed" in caplog.text
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert [task.task_id async for task in handler.drain_pending()] == ["w0", "w1", "w2"]
+    await handler.aclose()
+
+
 async def test_a_restore_cancelled_inside_its_block_keeps_every_item(db_path: Path) -> None:
     handler = BackgroundTaskHandler(database=db_path)
     for index in range(3):

@@ -4,6 +4,7 @@ all-or-nothing restores, cross-process wake-up, and hostile values."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import sqlite3
 import threading
@@ -253,6 +254,50 @@ def test_a_drain_broken_off_on_one_thread_is_resumed_on_another(db_path: Path) -
     first.join()
     handler.close()
     assert drained == ids[2:]
+
+
+async def test_a_drain_inside_a_drains_body_does_not_wait_for_it(
+    handler: BackgroundTaskHandler,
+) -> None:
+    # The outer drain is open, on this loop: a nested drain lets it close for a few
+    # turns (it may be an abandoned one), never for the long wait kept for other loops.
+    handler._open_drains.POLL_SECONDS = 60
+    ids = await queue_results(handler, "outer", 3)
+    seen = []
+    async with asyncio.timeout(10):
+        async for task in handler.drain_pending("outer"):
+            nested = [t.task_id async for t in handler.drain_pending("none")]
+            seen.append((task.task_id, nested))
+    assert seen == [(task_id, []) for task_id in ids]
+
+
+def test_a_drain_dropped_after_its_loop_closed_leaves_its_items_drainable(
+    handler: BackgroundTaskHandler,
+) -> None:
+    ids = asyncio.run(queue_results(handler, "run", 3))
+
+    def drop_on_a_closed_loop() -> None:
+        loop = asyncio.new_event_loop()
+
+        async def take_one() -> AsyncIterator[BackgroundTask]:
+            drain = handler.drain_pending()
+            await anext(drain)
+            return drain
+
+        drain = loop.run_until_complete(take_one())
+        loop.close()  # without closing the drain (no shutdown_asyncgens)
+        del drain  # nothing can run its aclose() now
+
+    thread = threading.Thread(target=drop_on_a_closed_loop)
+    thread.start()
+    thread.join()
+    gc.collect()
+
+    async def drain_again() -> list[str]:
+        return [task.task_id async for task in handler.drain_pending()]
+
+    assert asyncio.run(drain_again()) == ids
+    handler.close()
 
 
 def test_two_processes_draining_never_share_items(db_path: Path) -> None:

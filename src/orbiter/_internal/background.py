@@ -59,16 +59,17 @@ DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 
 
 class _OpenDrains:
-    """The drains (and restores) of one handler that have not finished closing.
+    """The drains (and restores) of one handler that have not finished closing, by loop.
 
     A drain the consumer stops early (``break``, an exception) frees the items it holds
-    when Python closes it: the loop schedules its ``aclose()`` a turn or two later (more
-    turns when the consumer's own generators wrap it, and on another loop when another
-    thread iterates it). A new drain first waits for those, so that it starts at the item
-    the consumer held. A drain still in use by a concurrent consumer looks the same, so
-    the wait is bounded: after ``WAIT_TURNS`` loop turns and ``WAIT_POLLS`` pauses of
-    ``POLL_SECONDS`` (~50 ms) the new drain goes ahead and leaves the items held elsewhere
-    to their holder.
+    when Python closes it: its loop schedules ``aclose()`` a turn or two later (a few
+    more when the consumer's own generators wrap it). A new drain first lets those
+    finish, so that it starts at the item the consumer held. A drain still in use (a
+    concurrent consumer, or the drain whose loop body starts this one) looks the same,
+    so the wait is bounded: ``WAIT_TURNS`` turns of this loop, and, for drains open on
+    other threads' loops (which close on their own time), up to ``WAIT_POLLS`` pauses of
+    ``POLL_SECONDS`` (~50 ms). Then the new drain goes ahead and leaves the items held
+    elsewhere to their holder.
     """
 
     WAIT_TURNS = 20
@@ -77,25 +78,36 @@ class _OpenDrains:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # drains may run on several threads' loops
-        self._count = 0
+        self._open: dict[asyncio.AbstractEventLoop, int] = {}
 
     @contextlib.contextmanager
     def opened(self) -> Iterator[None]:
         """Count a drain as open until its items are freed or acknowledged."""
+        loop = asyncio.get_running_loop()
         with self._lock:
-            self._count += 1
+            self._open[loop] = self._open.get(loop, 0) + 1
         try:
             yield
         finally:
             with self._lock:
-                self._count -= 1
+                if self._open[loop] == 1:
+                    del self._open[loop]
+                else:
+                    self._open[loop] -= 1
 
     async def wait_for_closing(self) -> None:
         """Let drains that are closing finish first (see the class docstring)."""
-        for turn in range(self.WAIT_TURNS + self.WAIT_POLLS):
-            if not self._count:
+        for _ in range(self.WAIT_TURNS):
+            if not self._open:
                 return
-            await asyncio.sleep(0 if turn < self.WAIT_TURNS else self.POLL_SECONDS)
+            await asyncio.sleep(0)
+        here = asyncio.get_running_loop()
+        for _ in range(self.WAIT_POLLS):
+            with self._lock:
+                elsewhere = any(loop is not here for loop in self._open)
+            if not elsewhere:
+                return
+            await asyncio.sleep(self.POLL_SECONDS)
 
 
 class PendingQueue:

@@ -2,15 +2,17 @@
 
 A drain claims items (``pending_queue.claimed_by`` = ``"<owner_id>/<drain number>"``)
 before it hands them out, so concurrent drains, in this process or another, never share
-an item while its holder lives. Items held by a drain whose handler is provably gone are
-freed by the next claim. Each function here is an operation for the commit worker: it
-runs inside the worker's transaction, on ``db``.
+an item while its holder lives. The next claim frees the items of drains that are gone:
+those of a handler that is provably gone, and those of this handler's drains that ended
+without freeing theirs (a drain dropped on a loop that was closed before it could close
+the drain, or whose release failed). Each function here is an operation for the commit
+worker: it runs inside the worker's transaction, on ``db``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from orbiter.store import queries
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 def claim_next(
     db: Db,
     me: OwnerIdentity,
+    live: Collection[str],
     claimer: str,
     parent: str | None,
     *,
@@ -33,11 +36,12 @@ def claim_next(
     upto: int | None,
     limit: int,
 ) -> list[Sequence[Any]]:
-    """Free items held by gone drains, then claim for ``claimer`` up to ``limit`` free
-    items (-1: all) after enqueue number ``after`` and up to ``upto`` (None: the newest),
-    of run ``parent`` or of every run; return what ``claimer`` holds, in enqueue order."""
+    """Free items held by gone drains (``live``: this handler's drains still running),
+    then claim for ``claimer`` up to ``limit`` free items (-1: all) after enqueue number
+    ``after`` and up to ``upto`` (None: the newest), of run ``parent`` or of every run;
+    return what ``claimer`` holds, in enqueue order."""
     now = utc_now_text()
-    _release_dead_claims(db, me, now)
+    _release_dead_claims(db, me, live, now)
     if upto is None:
         upto = db.scalar(queries.max_pending_seq())
         if upto is None:
@@ -65,27 +69,34 @@ def acknowledge(claimer: str, seq: int, db: Db) -> None:
         )
 
 
-def any_free_item(db: Db, me: OwnerIdentity) -> bool:
+def any_free_item(db: Db, me: OwnerIdentity, live: Collection[str]) -> bool:
     """Whether an item is free to drain, counting those a gone drain still holds."""
     if db.scalar(queries.has_free_pending()):
         return True
-    return bool(_gone_claimers(db, me, utc_now_text()))
+    return bool(_gone_claimers(db, me, live, utc_now_text()))
 
 
-def _release_dead_claims(db: Db, me: OwnerIdentity, now: str) -> None:
-    for claimer, reason in _gone_claimers(db, me, now):
+def _release_dead_claims(db: Db, me: OwnerIdentity, live: Collection[str], now: str) -> None:
+    for claimer, reason in _gone_claimers(db, me, live, now):
         logger.warning("released pending items held by a gone drain (%s)", reason)
         db.execute(queries.release_claims(), {"claimer": claimer})
 
 
-def _gone_claimers(db: Db, me: OwnerIdentity, now: str) -> list[tuple[str, str]]:
-    """Drains of other handlers that hold items and are provably gone, with why."""
+def _gone_claimers(
+    db: Db, me: OwnerIdentity, live: Collection[str], now: str
+) -> list[tuple[str, str]]:
+    """Drains that hold items and are gone (see the module docstring), with why."""
     held = [row[0] for row in db.all(queries.claimers())]
-    others = [claimer for claimer in held if not claimer.startswith(me.owner_id + "/")]
+    mine = me.owner_id + "/"
+    gone = [
+        (claimer, "a drain of this handler ended without freeing them")
+        for claimer in held
+        if claimer.startswith(mine) and claimer not in live
+    ]
+    others = [claimer for claimer in held if not claimer.startswith(mine)]
     if not others:
-        return []
+        return gone
     owners_by_id = owner_rows(db)
-    gone = []
     for claimer in others:
         owner_row = owners_by_id.get(claimer.split("/", 1)[0])
         reason = owner_gone_reason(owner_row, me, now)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Collection, Iterable, Iterator
 from operator import itemgetter
@@ -162,11 +163,18 @@ class MemoryStore:
             self._pending = _Queue(sorted(both, key=itemgetter(0)))
         self.pending_signal.notify()  # items are free again: wake waiters
 
-    async def iter_pending(
-        self, parent_task_id: str | None
+    def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
+        claimer = f"drain/{next(self._drains)}"
+        drain = self._drain(claimer, parent_task_id)
+        # A drain dropped where nothing can close it (its loop was closed first) gives
+        # back what it holds once it is gone.
+        weakref.finalize(drain, self._release, claimer)
+        return drain
+
+    async def _drain(
+        self, claimer: str, parent_task_id: str | None
     ) -> AsyncGenerator[BackgroundTask, None]:
         self._check_open()
-        claimer = f"drain/{next(self._drains)}"
         held = self._claim(parent_task_id, claimer)
         places, tasks = held.places, held.tasks
         try:

@@ -117,6 +117,9 @@ class SqlStore:
         self.identity = OwnerIdentity.of_this_process()
         self._lease_timeout = lease_timeout
         self._drains = itertools.count(1)
+        #: This handler's drains that hold (or may claim) items; the claims of any other
+        #: drain of this handler are left over, and the next claim frees them.
+        self._live_claimers: set[str] = set()
         self._target = target
         self._where = target.describe()
         self._codec = codec
@@ -386,11 +389,16 @@ class SqlStore:
         claimer = self._new_claimer()
 
         def pop_all(db: Db) -> list[TaskRow]:
-            rows = claim_next(db, self.identity, claimer, None, after=0, upto=None, limit=-1)
+            rows = claim_next(
+                db, self.identity, self._live_claimers, claimer, None, after=0, upto=None, limit=-1
+            )
             db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             return rows
 
-        rows = self._worker.call(pop_all)
+        try:
+            rows = self._worker.call(pop_all)
+        finally:
+            self._live_claimers.discard(claimer)
         return [self._task_from_row(row[1:]) for row in rows]
 
     def pending_count(self) -> int:
@@ -403,16 +411,23 @@ class SqlStore:
     def has_pending(self) -> bool:
         return bool(self._worker.call(_any_pending, writes=False))
 
-    async def iter_pending(
-        self, parent_task_id: str | None
-    ) -> AsyncGenerator[BackgroundTask, None]:
+    def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
         claimer = self._new_claimer()
+        drain = self._drain(claimer, parent_task_id)
+        # A drain dropped where nothing can close it (its loop was closed first) leaves
+        # its claims behind: once it is gone, the next claim frees them.
+        weakref.finalize(drain, self._live_claimers.discard, claimer)
+        return drain
 
+    async def _drain(
+        self, claimer: str, parent_task_id: str | None
+    ) -> AsyncGenerator[BackgroundTask, None]:
         def newest(db: Db) -> int | None:
             return db.scalar(queries.max_pending_seq())  # type: ignore[no-any-return]
 
         upto = await self._worker.acall(newest, writes=False)
         if upto is None:
+            self._live_claimers.discard(claimer)
             return
         after = 0
         try:
@@ -421,6 +436,7 @@ class SqlStore:
                     partial(
                         claim_next,
                         me=self.identity,
+                        live=self._live_claimers,
                         claimer=claimer,
                         parent=parent_task_id,
                         after=after,
@@ -451,6 +467,7 @@ class SqlStore:
                 partial(
                     claim_next,
                     me=self.identity,
+                    live=self._live_claimers,
                     claimer=claimer,
                     parent=parent_task_id,
                     after=0,
@@ -467,15 +484,20 @@ class SqlStore:
     async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         """Acknowledge (``merged``) or release every item of a claimed batch."""
         if merged:
-            await self._worker.acall_to_end(
-                lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer}),
-                relaxed=False,
-            )
+            try:
+                await self._worker.acall_to_end(
+                    lambda db: db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer}),
+                    relaxed=False,
+                )
+            finally:  # acknowledged; or else the next claim frees them
+                self._live_claimers.discard(claimer)
         else:
             await self._free_claims(claimer)
 
     async def _free_claims(self, claimer: str) -> None:
-        """Free every item ``claimer`` holds."""
+        """Free every item ``claimer`` holds: at once, and should that not happen (say the
+        drain is closed with no loop to run this), at the next claim."""
+        self._live_claimers.discard(claimer)
         if not self._worker.closed:
             await self._worker.acall_to_end(
                 lambda db: db.execute(queries.release_claims(), {"claimer": claimer}),
@@ -483,8 +505,11 @@ class SqlStore:
             )
 
     def _new_claimer(self) -> str:
-        """A name for one drain's claims: ``"<owner_id>/<drain number>"``."""
-        return f"{self.identity.owner_id}/{next(self._drains)}"
+        """A name for one drain's claims, ``"<owner_id>/<drain number>"``, live (its items
+        kept from other drains) until the drain frees or acknowledges them."""
+        claimer = f"{self.identity.owner_id}/{next(self._drains)}"
+        self._live_claimers.add(claimer)
+        return claimer
 
     # -- owners ------------------------------------------------------------------------
 
@@ -532,7 +557,9 @@ class SqlStore:
         while True:
             seen = self.pending_signal.version
             # Items a killed drain held are free too: the next drain takes them back.
-            found = await self._worker.acall(partial(any_free_item, me=self.identity), writes=False)
+            found = await self._worker.acall(
+                partial(any_free_item, me=self.identity, live=self._live_claimers), writes=False
+            )
             if found:
                 return True
             step = self._poll_interval

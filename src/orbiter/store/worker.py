@@ -406,7 +406,10 @@ class CommitWorker:
         except asyncio.CancelledError:
             while not finished.done():
                 with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.shield(finished)
+                    await asyncio.wait([finished])  # returns when done, raising nothing
+            if not finished.cancelled() and (failure := finished.exception()) is not None:
+                # The caller is told it was cancelled, not of this: say it here.
+                logger.warning("an operation a cancelled call left to finish failed: %s", failure)
             raise
 
     def close(self) -> None:
