@@ -4,6 +4,7 @@ all-or-nothing restores, cross-process wake-up, and hostile values."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import sqlite3
@@ -11,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -256,11 +258,11 @@ def test_a_drain_broken_off_on_one_thread_is_resumed_on_another(db_path: Path) -
     assert drained == ids[2:]
 
 
-async def test_a_drain_inside_a_drains_body_does_not_wait_for_it(
+async def test_a_drain_of_another_run_inside_a_drains_body_does_not_wait_for_it(
     handler: BackgroundTaskHandler,
 ) -> None:
-    # The outer drain is open, on this loop: a nested drain lets it close for a few
-    # turns (it may be an abandoned one), never for the long wait kept for other loops.
+    # The outer drain is open; it might be one being closed, but it holds only items of
+    # its own run, so a drain of another run does not wait for it.
     handler._open_drains.POLL_SECONDS = 60
     ids = await queue_results(handler, "outer", 3)
     seen = []
@@ -298,6 +300,87 @@ def test_a_drain_dropped_after_its_loop_closed_leaves_its_items_drainable(
 
     assert asyncio.run(drain_again()) == ids
     handler.close()
+
+
+async def test_a_drain_whose_wrapper_closes_it_late_still_redelivers_the_item_in_hand(
+    handler: BackgroundTaskHandler,
+) -> None:
+    ids = await queue_results(handler, "run", 105)  # more than one claim batch
+
+    async def logged() -> AsyncIterator[BackgroundTask]:
+        async with contextlib.aclosing(handler.drain_pending()) as drain:
+            try:
+                async for task in drain:
+                    yield task
+            finally:
+                await asyncio.sleep(0.005)  # say, a log flushed before the drain closes
+
+    consumer = logged()
+    async for task in consumer:
+        assert task.task_id == ids[0]
+        break
+    del consumer
+    assert [task.task_id async for task in handler.drain_pending()] == ids
+
+
+def test_a_restore_dropped_after_its_loop_closed_leaves_its_items_drainable(
+    handler: BackgroundTaskHandler,
+) -> None:
+    ids = asyncio.run(queue_results(handler, "run", 3))
+
+    def drop_on_a_closed_loop() -> None:
+        loop = asyncio.new_event_loop()
+
+        async def enter() -> Any:
+            restore = handler.restore_pending()
+            assert len(await restore.__aenter__()) == 3
+            return restore
+
+        restore = loop.run_until_complete(enter())
+        loop.close()  # the block never ends, and nothing can end it now
+        del restore
+
+    thread = threading.Thread(target=drop_on_a_closed_loop)
+    thread.start()
+    thread.join()
+    gc.collect()
+
+    async def drain_again() -> list[str]:
+        return [task.task_id async for task in handler.drain_pending()]
+
+    assert asyncio.run(drain_again()) == ids
+    handler.close()
+
+
+def test_a_drain_collected_while_the_store_is_locked_does_not_deadlock() -> None:
+    # The collector may free a dropped drain anywhere, even inside the store's lock:
+    # what its finalizer does must not wait for that lock.
+    handler = BackgroundTaskHandler()
+    ids = asyncio.run(queue_results(handler, "run", 3))
+
+    def drop_inside_the_lock() -> None:
+        loop = asyncio.new_event_loop()
+
+        async def take_one() -> AsyncIterator[BackgroundTask]:
+            drain = handler.drain_pending()
+            await anext(drain)
+            return drain
+
+        drain = loop.run_until_complete(take_one())
+        loop.close()
+        with handler._store._lock:  # type: ignore[attr-defined]
+            del drain
+            gc.collect()
+
+    thread = threading.Thread(target=drop_inside_the_lock, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the drain's finalizer waited for the store's lock"
+
+    async def drain_again() -> list[str]:
+        return [task.task_id async for task in handler.drain_pending()]
+
+    assert asyncio.run(drain_again()) == ids
 
 
 def test_two_processes_draining_never_share_items(db_path: Path) -> None:

@@ -151,7 +151,7 @@ async def test_wait_does_not_count_items_another_drain_holds(
     assert time.monotonic() - started >= 0.25
     assert handler.pending_queue.size == 1
     assert not handler.pending_queue.empty
-    await drain.aclose()  # type: ignore[attr-defined]  # drain_pending is an async generator
+    await drain.aclose()
     assert await handler.pending_queue.wait(timeout=0.3) is True
 
 
@@ -165,7 +165,7 @@ async def test_a_drain_stopped_early_gives_items_back_in_enqueue_order(
     assert (await drain.__anext__()).task_id == "a1"
     assert (await drain.__anext__()).task_id == "a2"  # holding a2: a1 has left the queue
     assert handler.pending_queue.size == 4
-    await drain.aclose()  # type: ignore[attr-defined]  # drain_pending is an async generator
+    await drain.aclose()
     assert [t.task_id async for t in handler.drain_pending()] == ["b1", "a2", "b2", "a3"]
 
 

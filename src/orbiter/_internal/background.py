@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
 import logging
 import math
 import os
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
@@ -59,17 +60,22 @@ DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
 
 
 class _OpenDrains:
-    """The drains (and restores) of one handler that have not finished closing, by loop.
+    """The drains (and restores) of one handler that have not finished closing.
 
     A drain the consumer stops early (``break``, an exception) frees the items it holds
-    when Python closes it: its loop schedules ``aclose()`` a turn or two later (a few
-    more when the consumer's own generators wrap it). A new drain first lets those
-    finish, so that it starts at the item the consumer held. A drain still in use (a
-    concurrent consumer, or the drain whose loop body starts this one) looks the same,
-    so the wait is bounded: ``WAIT_TURNS`` turns of this loop, and, for drains open on
-    other threads' loops (which close on their own time), up to ``WAIT_POLLS`` pauses of
-    ``POLL_SECONDS`` (~50 ms). Then the new drain goes ahead and leaves the items held
-    elsewhere to their holder.
+    when Python closes it: its loop schedules ``aclose()`` a turn or two later (more when
+    the consumer's own generators wrap it, and whenever another thread's loop gets to
+    it). A new drain first lets the drains that could hold its items finish, so that it
+    starts at the item the consumer held. A drain still in use (a concurrent consumer, a
+    drain whose loop body starts this one) looks the same, so the wait is bounded:
+    ``WAIT_TURNS`` loop turns, then up to ``WAIT_POLLS`` pauses of ``POLL_SECONDS`` (~50
+    ms); then the new drain goes ahead and leaves their items to them. Drains of another
+    run (``parent_task_id``) hold none of its items and are not waited for, nor are
+    drains on a loop that no longer runs (nothing will close them there; their items come
+    back when they are collected).
+
+    Entries are added and removed without a lock: a drain dropped in a reference cycle is
+    closed by the garbage collector, which may run anywhere, even inside a lock.
     """
 
     WAIT_TURNS = 20
@@ -77,37 +83,48 @@ class _OpenDrains:
     POLL_SECONDS = 0.001
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()  # drains may run on several threads' loops
-        self._open: dict[asyncio.AbstractEventLoop, int] = {}
+        self._tokens = itertools.count()
+        #: token -> (its loop, weakly; the run it drains, None for every run)
+        self._open: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], str | None]] = {}
 
     @contextlib.contextmanager
-    def opened(self) -> Iterator[None]:
+    def opened(self, parent_task_id: str | None) -> Iterator[None]:
         """Count a drain as open until its items are freed or acknowledged."""
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            self._open[loop] = self._open.get(loop, 0) + 1
+        token = next(self._tokens)
+        self._open[token] = (weakref.ref(asyncio.get_running_loop()), parent_task_id)
         try:
             yield
         finally:
-            with self._lock:
-                if self._open[loop] == 1:
-                    del self._open[loop]
-                else:
-                    self._open[loop] -= 1
+            self._open.pop(token, None)
 
-    async def wait_for_closing(self) -> None:
-        """Let drains that are closing finish first (see the class docstring)."""
-        for _ in range(self.WAIT_TURNS):
-            if not self._open:
+    async def wait_for_closing(self, parent_task_id: str | None) -> None:
+        """Let drains that may hold this drain's items close first (see above)."""
+        for attempt in range(self.WAIT_TURNS + self.WAIT_POLLS):
+            if not self._may_hold_items_of(parent_task_id):
                 return
-            await asyncio.sleep(0)
+            await asyncio.sleep(0 if attempt < self.WAIT_TURNS else self.POLL_SECONDS)
+
+    def _may_hold_items_of(self, parent_task_id: str | None) -> bool:
         here = asyncio.get_running_loop()
-        for _ in range(self.WAIT_POLLS):
-            with self._lock:
-                elsewhere = any(loop is not here for loop in self._open)
-            if not elsewhere:
-                return
-            await asyncio.sleep(self.POLL_SECONDS)
+        while True:
+            try:
+                entries = list(self._open.values())
+                break
+            except RuntimeError:  # changed by another thread while copied: again
+                continue
+        for loop_ref, parent in entries:
+            if parent is not None and parent_task_id is not None and parent != parent_task_id:
+                continue
+            loop = loop_ref()
+            if loop is not None and (loop is here or loop.is_running()):
+                return True
+        return False
+
+
+class _Claim:
+    """Lives as long as a restore's frame: collected with it, it lets its claims go."""
+
+    __slots__ = ("__weakref__",)
 
 
 class PendingQueue:
@@ -397,7 +414,7 @@ class BackgroundTaskHandler:
 
     async def drain_pending(
         self, parent_task_id: str | None = None
-    ) -> AsyncIterator[BackgroundTask]:
+    ) -> AsyncGenerator[BackgroundTask, None]:
         """Yield all pending background tasks (wake-up-merge pattern).
 
         Used when restoring from a checkpoint to process any background results that
@@ -421,8 +438,8 @@ class BackgroundTaskHandler:
         """
         if parent_task_id is not None:
             check_id(parent_task_id, "parent_task_id")
-        await self._open_drains.wait_for_closing()
-        with self._open_drains.opened():
+        await self._open_drains.wait_for_closing(parent_task_id)
+        with self._open_drains.opened(parent_task_id):
             async with contextlib.aclosing(self._store.iter_pending(parent_task_id)) as pending:
                 async for task in pending:
                     if self._merge_callbacks:
@@ -446,9 +463,13 @@ class BackgroundTaskHandler:
         """
         if parent_task_id is not None:
             check_id(parent_task_id, "parent_task_id")
-        await self._open_drains.wait_for_closing()
-        with self._open_drains.opened():
+        await self._open_drains.wait_for_closing(parent_task_id)
+        with self._open_drains.opened(parent_task_id):
             claimer, tasks = await self._store.claim_batch(parent_task_id)
+            # Should this restore be dropped unfinished where nothing can end it (its
+            # loop closed), its claims are freed once it is collected.
+            held = _Claim()
+            weakref.finalize(held, self._store.forget_claims, claimer)
             merged = False
             try:
                 for task in tasks:

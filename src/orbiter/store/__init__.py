@@ -101,6 +101,11 @@ class TaskStore(Protocol):
         cancellation of the caller does not stop it (nothing else would end the claim)."""
         ...
 
+    def forget_claims(self, claimer: str) -> None:
+        """``claimer``'s holder is gone without settling: free its tasks at the next
+        claim. Takes no lock (a garbage collector's finalizer calls it)."""
+        ...
+
     async def recover_orphans(
         self, action: str, protect: Collection[str] = ()
     ) -> list[tuple[BackgroundTask, str]]:

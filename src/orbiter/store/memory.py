@@ -60,6 +60,9 @@ class MemoryStore:
         self._drains = itertools.count(1)
         self._closed = False
         self._lock = threading.Lock()
+        #: Drains that were dropped unclosed: their items go back at the next claim (a
+        #: finalizer may run inside a locked region, so it only appends here).
+        self._dropped: deque[str] = deque()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -124,6 +127,7 @@ class MemoryStore:
     def pop_all_pending(self) -> list[BackgroundTask]:
         self._check_open()
         with self._lock:
+            self._give_back_dropped()
             items = list(self._pending.tasks)
             self._pending = _Queue()
         return items
@@ -144,6 +148,7 @@ class MemoryStore:
     def _claim(self, parent_task_id: str | None, claimer: str) -> _Queue:
         """Move the free items (of one parent) out of the queue into ``claimer``'s hands."""
         with self._lock:
+            self._give_back_dropped()
             if parent_task_id is None:
                 taken, self._pending = self._pending, _Queue()
             else:
@@ -156,19 +161,35 @@ class MemoryStore:
     def _release(self, claimer: str) -> None:
         """Give back what ``claimer`` still holds, each item in its enqueue place."""
         with self._lock:
-            held = self._held.pop(claimer, None)
-            if held is None or not held.tasks:
-                return
-            both = [*held.entries(), *self._pending.entries()]
-            self._pending = _Queue(sorted(both, key=itemgetter(0)))
-        self.pending_signal.notify()  # items are free again: wake waiters
+            freed = self._give_back(claimer)
+        if freed:
+            self.pending_signal.notify()  # items are free again: wake waiters
+
+    def _give_back(self, claimer: str) -> bool:
+        """:meth:`_release` holding the lock; whether any item was freed."""
+        held = self._held.pop(claimer, None)
+        if held is None or not held.tasks:
+            return False
+        both = [*held.entries(), *self._pending.entries()]
+        self._pending = _Queue(sorted(both, key=itemgetter(0)))
+        return True
+
+    def _give_back_dropped(self) -> None:
+        """Give back the items of drains dropped unclosed (called holding the lock)."""
+        while self._dropped:
+            self._give_back(self._dropped.popleft())
+
+    def forget_claims(self, claimer: str) -> None:
+        """``claimer`` was dropped without freeing its items: free them soon (no lock
+        taken, so a garbage collector's finalizer may call this anywhere)."""
+        self._dropped.append(claimer)
 
     def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
         claimer = f"drain/{next(self._drains)}"
         drain = self._drain(claimer, parent_task_id)
         # A drain dropped where nothing can close it (its loop was closed first) gives
         # back what it holds once it is gone.
-        weakref.finalize(drain, self._release, claimer)
+        weakref.finalize(drain, self.forget_claims, claimer)
         return drain
 
     async def _drain(
@@ -210,6 +231,9 @@ class MemoryStore:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             seen = self.pending_signal.version
+            if self._dropped:
+                with self._lock:
+                    self._give_back_dropped()
             if self._pending.tasks:  # an item no drain holds
                 return True
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -416,8 +416,13 @@ class SqlStore:
         drain = self._drain(claimer, parent_task_id)
         # A drain dropped where nothing can close it (its loop was closed first) leaves
         # its claims behind: once it is gone, the next claim frees them.
-        weakref.finalize(drain, self._live_claimers.discard, claimer)
+        weakref.finalize(drain, self.forget_claims, claimer)
         return drain
+
+    def forget_claims(self, claimer: str) -> None:
+        """``claimer`` was dropped without freeing its items: the next claim frees them
+        (no lock taken, so a garbage collector's finalizer may call this anywhere)."""
+        self._live_claimers.discard(claimer)
 
     async def _drain(
         self, claimer: str, parent_task_id: str | None
