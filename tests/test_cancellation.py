@@ -255,15 +255,20 @@ def held_items(path: Path) -> int:
         return int(connection.execute(query).fetchone()[0])
 
 
-async def test_a_restore_cancelled_while_its_claim_commits_leaves_the_items_free(
-    db_path: Path,
-) -> None:
-    handler = BackgroundTaskHandler(database=db_path)
+async def queue_three_and_two_blockers(handler: BackgroundTaskHandler) -> None:
+    """Queue results w0-w2, and submit b1 and b2 (to keep the worker busy with)."""
     for index in range(3):
         handler.submit(f"w{index}", "run")
         await handler.handle_result(f"w{index}", index, is_main_running=False)
     for blocker in ("b1", "b2"):
         handler.submit(blocker, "run")
+
+
+async def test_a_restore_cancelled_while_its_claim_commits_leaves_the_items_free(
+    db_path: Path,
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    await queue_three_and_two_blockers(handler)
     busy = slow_completions(handler, 0.1)
     claiming = slow_claims(handler, 0.05)
     # Keep the worker busy so the restore's claim goes to it (not inline on the loop).
@@ -292,11 +297,7 @@ async def test_a_restore_cancelled_while_its_acknowledgement_waits_commits_it_fi
     db_path: Path,
 ) -> None:
     handler = BackgroundTaskHandler(database=db_path)
-    for index in range(3):
-        handler.submit(f"w{index}", "run")
-        await handler.handle_result(f"w{index}", index, is_main_running=False)
-    for blocker in ("b1", "b2"):
-        handler.submit(blocker, "run")
+    await queue_three_and_two_blockers(handler)
     busy = slow_completions(handler, 0.2)
     seen_when_cancelled: list[list[str]] = []
 

@@ -273,33 +273,76 @@ async def test_a_drain_of_another_run_inside_a_drains_body_does_not_wait_for_it(
     assert seen == [(task_id, []) for task_id in ids]
 
 
+def held_on_a_closed_loop(handler: BackgroundTaskHandler) -> AsyncIterator[BackgroundTask]:
+    """A drain holding its first item, on an event loop closed since: nothing can close
+    the drain any more (no ``shutdown_asyncgens``)."""
+    loop = asyncio.new_event_loop()
+
+    async def take_one() -> AsyncIterator[BackgroundTask]:
+        drain = handler.drain_pending()
+        await anext(drain)
+        return drain
+
+    try:
+        return loop.run_until_complete(take_one())
+    finally:
+        loop.close()
+
+
+def drained_ids(handler: BackgroundTaskHandler) -> list[str]:
+    async def drain() -> list[str]:
+        return [task.task_id async for task in handler.drain_pending()]
+
+    return asyncio.run(drain())
+
+
 def test_a_drain_dropped_after_its_loop_closed_leaves_its_items_drainable(
     handler: BackgroundTaskHandler,
 ) -> None:
     ids = asyncio.run(queue_results(handler, "run", 3))
-
-    def drop_on_a_closed_loop() -> None:
-        loop = asyncio.new_event_loop()
-
-        async def take_one() -> AsyncIterator[BackgroundTask]:
-            drain = handler.drain_pending()
-            await anext(drain)
-            return drain
-
-        drain = loop.run_until_complete(take_one())
-        loop.close()  # without closing the drain (no shutdown_asyncgens)
-        del drain  # nothing can run its aclose() now
-
-    thread = threading.Thread(target=drop_on_a_closed_loop)
-    thread.start()
-    thread.join()
+    drain = held_on_a_closed_loop(handler)
+    del drain
     gc.collect()
-
-    async def drain_again() -> list[str]:
-        return [task.task_id async for task in handler.drain_pending()]
-
-    assert asyncio.run(drain_again()) == ids
+    assert drained_ids(handler) == ids
     handler.close()
+
+
+def test_a_restore_dropped_after_its_loop_closed_leaves_its_items_drainable(
+    handler: BackgroundTaskHandler,
+) -> None:
+    ids = asyncio.run(queue_results(handler, "run", 3))
+    loop = asyncio.new_event_loop()
+
+    async def enter() -> Any:
+        restore = handler.restore_pending()
+        assert len(await restore.__aenter__()) == 3
+        return restore
+
+    restore = loop.run_until_complete(enter())
+    loop.close()  # the block never ends, and nothing can end it now
+    del restore
+    gc.collect()
+    assert drained_ids(handler) == ids
+    handler.close()
+
+
+def test_a_drain_collected_while_the_store_is_locked_does_not_deadlock() -> None:
+    # The collector may free a dropped drain anywhere, even inside the store's lock:
+    # what its finalizer does must not wait for that lock.
+    handler = BackgroundTaskHandler()
+    ids = asyncio.run(queue_results(handler, "run", 3))
+
+    def drop_inside_the_lock() -> None:
+        drain = held_on_a_closed_loop(handler)
+        with handler._store._lock:  # type: ignore[attr-defined]
+            del drain
+            gc.collect()
+
+    thread = threading.Thread(target=drop_inside_the_lock, daemon=True)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the drain's finalizer waited for the store's lock"
+    assert drained_ids(handler) == ids
 
 
 async def test_a_drain_whose_wrapper_closes_it_late_still_redelivers_the_item_in_hand(
@@ -321,66 +364,6 @@ async def test_a_drain_whose_wrapper_closes_it_late_still_redelivers_the_item_in
         break
     del consumer
     assert [task.task_id async for task in handler.drain_pending()] == ids
-
-
-def test_a_restore_dropped_after_its_loop_closed_leaves_its_items_drainable(
-    handler: BackgroundTaskHandler,
-) -> None:
-    ids = asyncio.run(queue_results(handler, "run", 3))
-
-    def drop_on_a_closed_loop() -> None:
-        loop = asyncio.new_event_loop()
-
-        async def enter() -> Any:
-            restore = handler.restore_pending()
-            assert len(await restore.__aenter__()) == 3
-            return restore
-
-        restore = loop.run_until_complete(enter())
-        loop.close()  # the block never ends, and nothing can end it now
-        del restore
-
-    thread = threading.Thread(target=drop_on_a_closed_loop)
-    thread.start()
-    thread.join()
-    gc.collect()
-
-    async def drain_again() -> list[str]:
-        return [task.task_id async for task in handler.drain_pending()]
-
-    assert asyncio.run(drain_again()) == ids
-    handler.close()
-
-
-def test_a_drain_collected_while_the_store_is_locked_does_not_deadlock() -> None:
-    # The collector may free a dropped drain anywhere, even inside the store's lock:
-    # what its finalizer does must not wait for that lock.
-    handler = BackgroundTaskHandler()
-    ids = asyncio.run(queue_results(handler, "run", 3))
-
-    def drop_inside_the_lock() -> None:
-        loop = asyncio.new_event_loop()
-
-        async def take_one() -> AsyncIterator[BackgroundTask]:
-            drain = handler.drain_pending()
-            await anext(drain)
-            return drain
-
-        drain = loop.run_until_complete(take_one())
-        loop.close()
-        with handler._store._lock:  # type: ignore[attr-defined]
-            del drain
-            gc.collect()
-
-    thread = threading.Thread(target=drop_inside_the_lock, daemon=True)
-    thread.start()
-    thread.join(10)
-    assert not thread.is_alive(), "the drain's finalizer waited for the store's lock"
-
-    async def drain_again() -> list[str]:
-        return [task.task_id async for task in handler.drain_pending()]
-
-    assert asyncio.run(drain_again()) == ids
 
 
 def test_two_processes_draining_never_share_items(db_path: Path) -> None:
