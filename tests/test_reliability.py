@@ -307,6 +307,26 @@ def test_a_drain_dropped_after_its_loop_closed_leaves_its_items_drainable(
     handler.close()
 
 
+async def test_wait_sees_the_items_of_a_drain_dropped_unclosed(
+    handler: BackgroundTaskHandler,
+) -> None:
+    await queue_results(handler, "run", 3)
+    ready = threading.Event()
+
+    def hold_then_drop() -> None:
+        drain = held_on_a_closed_loop(handler)  # every item is held from here
+        ready.set()
+        time.sleep(0.2)  # the waiter below parks meanwhile
+        del drain
+        gc.collect()
+
+    thread = threading.Thread(target=hold_then_drop)
+    thread.start()
+    await asyncio.to_thread(ready.wait, 10)
+    assert await handler.pending_queue.wait(timeout=10) is True
+    thread.join()
+
+
 def test_a_restore_dropped_after_its_loop_closed_leaves_its_items_drainable(
     handler: BackgroundTaskHandler,
 ) -> None:

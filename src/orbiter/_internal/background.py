@@ -69,10 +69,11 @@ class _OpenDrains:
     starts at the item the consumer held. A drain still in use (a concurrent consumer, a
     drain whose loop body starts this one) looks the same, so the wait is bounded:
     ``WAIT_TURNS`` loop turns, then up to ``WAIT_POLLS`` pauses of ``POLL_SECONDS`` (~50
-    ms); then the new drain goes ahead and leaves their items to them. Drains of another
-    run (``parent_task_id``) hold none of its items and are not waited for, nor are
-    drains on a loop that no longer runs (nothing will close them there; their items come
-    back when they are collected).
+    ms); then the new drain goes ahead and leaves their items to them (one that closes
+    later keeps them until it does). Drains of another run (``parent_task_id``) hold none
+    of its items and are not waited for, nor are drains on a loop that is not running
+    (nothing closes them until it runs again; a drain dropped on a closed loop gives its
+    items back when it is collected).
 
     Entries are added and removed without a lock: a drain dropped in a reference cycle is
     closed by the garbage collector, which may run anywhere, even inside a lock.

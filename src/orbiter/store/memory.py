@@ -47,6 +47,10 @@ class _Queue:
         return zip(self.places, self.tasks, strict=True)
 
 
+#: How often a waiter looks again for items of dropped drains while drains hold items.
+HELD_POLL_SECONDS = 0.05
+
+
 class MemoryStore:
     """Tasks in a dict, the pending queue in a deque; values are kept as given."""
 
@@ -236,9 +240,15 @@ class MemoryStore:
                     self._give_back_dropped()
             if self._pending.tasks:  # an item no drain holds
                 return True
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not await self.pending_signal.wait_for_change(seen, remaining):
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
                 return False
+            step = remaining
+            if self._held:
+                # Held items come back unannounced when their drain is dropped unclosed
+                # (its finalizer only notes it: it may wake nobody), so look again soon.
+                step = HELD_POLL_SECONDS if step is None else min(step, HELD_POLL_SECONDS)
+            await self.pending_signal.wait_for_change(seen, step)
 
     def close(self) -> None:
         self._closed = True
