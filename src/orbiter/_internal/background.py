@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import itertools
 import logging
 import math
 import os
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
 
+from orbiter._internal.drains import ClaimHolder, OpenDrains
 from orbiter._internal.state import RunNode, RunNodeStatus, RunState
 from orbiter._internal.task import HOT, WAKEUP, BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
@@ -57,75 +57,6 @@ class OrphanAction(StrEnum):
 
 #: Default cap on one encoded payload or result (see ``max_value_bytes``).
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
-
-
-class _OpenDrains:
-    """The drains (and restores) of one handler that have not finished closing.
-
-    A drain the consumer stops early (``break``, an exception) frees the items it holds
-    when Python closes it: its loop schedules ``aclose()`` a turn or two later (more when
-    the consumer's own generators wrap it, and whenever another thread's loop gets to
-    it). A new drain first lets the drains that could hold its items finish, so that it
-    starts at the item the consumer held. A drain still in use (a concurrent consumer, a
-    drain whose loop body starts this one) looks the same, so the wait is bounded:
-    ``WAIT_TURNS`` loop turns, then up to ``WAIT_POLLS`` pauses of ``POLL_SECONDS`` (~50
-    ms); then the new drain goes ahead and leaves their items to them (one that closes
-    later keeps them until it does). Drains of another run (``parent_task_id``) hold none
-    of its items and are not waited for, nor are drains on a loop that is not running
-    (nothing closes them until it runs again; a drain dropped on a closed loop gives its
-    items back when it is collected).
-
-    Entries are added and removed without a lock: a drain dropped in a reference cycle is
-    closed by the garbage collector, which may run anywhere, even inside a lock.
-    """
-
-    WAIT_TURNS = 20
-    WAIT_POLLS = 50
-    POLL_SECONDS = 0.001
-
-    def __init__(self) -> None:
-        self._tokens = itertools.count()
-        #: token -> (its loop, weakly; the run it drains, None for every run)
-        self._open: dict[int, tuple[weakref.ref[asyncio.AbstractEventLoop], str | None]] = {}
-
-    @contextlib.contextmanager
-    def opened(self, parent_task_id: str | None) -> Iterator[None]:
-        """Count a drain as open until its items are freed or acknowledged."""
-        token = next(self._tokens)
-        self._open[token] = (weakref.ref(asyncio.get_running_loop()), parent_task_id)
-        try:
-            yield
-        finally:
-            self._open.pop(token, None)
-
-    async def wait_for_closing(self, parent_task_id: str | None) -> None:
-        """Let drains that may hold this drain's items close first (see above)."""
-        for attempt in range(self.WAIT_TURNS + self.WAIT_POLLS):
-            if not self._may_hold_items_of(parent_task_id):
-                return
-            await asyncio.sleep(0 if attempt < self.WAIT_TURNS else self.POLL_SECONDS)
-
-    def _may_hold_items_of(self, parent_task_id: str | None) -> bool:
-        here = asyncio.get_running_loop()
-        while True:
-            try:
-                entries = list(self._open.values())
-                break
-            except RuntimeError:  # changed by another thread while copied: again
-                continue
-        for loop_ref, parent in entries:
-            if parent is not None and parent_task_id is not None and parent != parent_task_id:
-                continue
-            loop = loop_ref()
-            if loop is not None and (loop is here or loop.is_running()):
-                return True
-        return False
-
-
-class _Claim:
-    """Lives as long as a restore's frame: collected with it, it lets its claims go."""
-
-    __slots__ = ("__weakref__",)
 
 
 class PendingQueue:
@@ -258,7 +189,7 @@ class BackgroundTaskHandler:
         #: Work a cancelled call left to finish: hot merges (see handle_result) and
         #: resubmissions (see recover_orphans).
         self._detached: set[asyncio.Task[None]] = set()
-        self._open_drains = _OpenDrains()
+        self._open_drains = OpenDrains()
         self._store: TaskStore
         if database is None:
             self._store = MemoryStore()
@@ -429,7 +360,7 @@ class BackgroundTaskHandler:
         Items a drain holds are claimed: concurrent drains (other coroutines or processes)
         never receive the same item while its holder is alive. A new drain first waits,
         briefly, for this handler's drains that were stopped early to close (see
-        ``_OpenDrains``), so it starts at the item they held.
+        ``orbiter._internal.drains``), so it starts at the item they held.
 
         Args:
             parent_task_id: Only drain the results of this run (default: all runs).
@@ -469,7 +400,7 @@ class BackgroundTaskHandler:
             claimer, tasks = await self._store.claim_batch(parent_task_id)
             # Should this restore be dropped unfinished where nothing can end it (its
             # loop closed), its claims are freed once it is collected.
-            held = _Claim()
+            held = ClaimHolder()
             weakref.finalize(held, self._store.forget_claims, claimer)
             merged = False
             try:
