@@ -388,10 +388,10 @@ class SqlStore:
     def pop_all_pending(self) -> list[BackgroundTask]:
         claimer = self._new_claimer()
 
+        claim = self._claim(claimer, None, after=0, upto=None, limit=-1)
+
         def pop_all(db: Db) -> list[TaskRow]:
-            rows = claim_next(
-                db, self.identity, self._live_claimers, claimer, None, after=0, upto=None, limit=-1
-            )
+            rows = claim(db)
             db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             return rows
 
@@ -438,16 +438,7 @@ class SqlStore:
         try:
             while True:
                 batch = await self._worker.acall(
-                    partial(
-                        claim_next,
-                        me=self.identity,
-                        live=self._live_claimers,
-                        claimer=claimer,
-                        parent=parent_task_id,
-                        after=after,
-                        upto=upto,
-                        limit=DRAIN_BATCH,
-                    ),
+                    self._claim(claimer, parent_task_id, after=after, upto=upto, limit=DRAIN_BATCH),
                     relaxed=CLAIMS_ARE_RELAXED,
                 )
                 if not batch:
@@ -469,16 +460,7 @@ class SqlStore:
         claimer = self._new_claimer()
         try:
             rows = await self._worker.acall(
-                partial(
-                    claim_next,
-                    me=self.identity,
-                    live=self._live_claimers,
-                    claimer=claimer,
-                    parent=parent_task_id,
-                    after=0,
-                    upto=None,
-                    limit=-1,
-                ),
+                self._claim(claimer, parent_task_id, after=0, upto=None, limit=-1),
                 relaxed=CLAIMS_ARE_RELAXED,
             )
             return claimer, [self._task_from_row(row[1:]) for row in rows]
@@ -508,6 +490,21 @@ class SqlStore:
                 lambda db: db.execute(queries.release_claims(), {"claimer": claimer}),
                 relaxed=True,
             )
+
+    def _claim(
+        self, claimer: str, parent: str | None, *, after: int, upto: int | None, limit: int
+    ) -> Operation[list[TaskRow]]:
+        """The operation that claims the next items for ``claimer`` (see ``claim_next``)."""
+        return partial(
+            claim_next,
+            me=self.identity,
+            live=self._live_claimers,
+            claimer=claimer,
+            parent=parent,
+            after=after,
+            upto=upto,
+            limit=limit,
+        )
 
     def _new_claimer(self) -> str:
         """A name for one drain's claims, ``"<owner_id>/<drain number>"``, live (its items
