@@ -255,6 +255,7 @@ def guarded_open(path: Path | None, where: str) -> Iterator[None]:
         return
     had_log = has_log_files(path)
     guard = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
+    opened = False
     try:
         if path.stat().st_size <= FULL_CHECK_MAX_BYTES:
             problems = [row[0] for row in guard.execute("PRAGMA quick_check(3)").fetchall()]
@@ -266,13 +267,11 @@ def guarded_open(path: Path | None, where: str) -> Iterator[None]:
         else:
             guard.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()  # take its lock
         yield
-    except BaseException:
-        guard.close()
-        if not had_log:
-            remove_empty_log(path)
-        raise
+        opened = True
     finally:
         guard.close()
+        if not opened and not had_log:  # refused: leave nothing beside the file
+            remove_empty_log(path)
 
 
 def has_log_files(path: Path) -> bool:
