@@ -5,7 +5,9 @@ the statement's own constants."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,17 @@ def test_a_statement_rendered_per_execution_is_refused_when_compiled() -> None:
     )
     with pytest.raises(ValueError, match="per-execution"):
         compile_statement(expanding)
+
+
+def test_now_is_one_timestamp_per_transaction_taken_at_first_use(db: Db) -> None:
+    db.begin("BEGIN IMMEDIATE")
+    first = db.now
+    time.sleep(0.002)
+    assert db.now == first  # every operation of a transaction stores the same time
+    db.raw.execute("COMMIT")
+    time.sleep(0.002)
+    db.begin("BEGIN")
+    second = db.now
+    db.raw.execute("COMMIT")
+    assert second > first  # a new transaction, a new time (the stored text sorts by time)
+    assert datetime.strptime(second, "%Y-%m-%d %H:%M:%S.%f")

@@ -20,6 +20,8 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 
+from orbiter.store.codec import utc_now_text
+
 __all__ = ["Db"]
 
 _DIALECT = sqlite.dialect(paramstyle="qmark")
@@ -80,13 +82,27 @@ def compile_statement(statement: ClauseElement) -> _Compiled:
 
 class Db:
     """What an operation gets: the worker's ``sqlite3`` connection, inside a transaction,
-    and ``now``, the transaction's timestamp (taken once per batch, as stored)."""
+    and ``now``, the transaction's timestamp (as stored; taken on first use, then the
+    same for every operation of the transaction)."""
 
-    __slots__ = ("now", "raw")
+    __slots__ = ("_now", "raw")
 
     def __init__(self, raw: sqlite3.Connection) -> None:
         self.raw = raw
-        self.now = ""
+        self._now: str | None = None
+
+    def begin(self, sql: str) -> None:
+        """Start a transaction (``sql`` is its ``BEGIN``), with a new ``now``."""
+        self._now = None
+        self.raw.execute(sql)
+
+    @property
+    def now(self) -> str:
+        """The transaction's timestamp: the UTC time of its first use."""
+        now = self._now
+        if now is None:
+            now = self._now = utc_now_text()
+        return now
 
     def execute(
         self, statement: ClauseElement, params: dict[str, Any] | None = None

@@ -44,7 +44,6 @@ from sqlalchemy import Engine
 
 from orbiter.errors import BackgroundTaskError, HandlerClosedError
 from orbiter.store import CommittedThenCancelled
-from orbiter.store.codec import utc_now_text
 from orbiter.store.executor import Db
 
 __all__ = ["CommitWorker", "Operation"]
@@ -264,7 +263,7 @@ class CommitWorker:
             item: _Queued[T] = _Queued(run, False, False)
             raw = self._reader.raw
             try:
-                raw.execute("BEGIN")
+                self._reader.begin("BEGIN")
                 item.outcome = (True, run(self._reader))
             except BackgroundTaskError as exc:
                 item.outcome = (False, exc)
@@ -536,13 +535,16 @@ class CommitWorker:
         blocked threads may join between operations once ``MAKE_WAY_AFTER`` of its async
         operations have run (``items`` is then changed in place to what actually ran)."""
         raw = self._db.raw
-        writes = any(item.writes for item in items)
+        writes = False
+        async_left = 0
+        for item in items:
+            writes = writes or item.writes
+            if item.future is None:
+                async_left += 1
         may_make_way = may_make_way and writes
-        async_left = sum(1 for item in items if item.future is None)
         async_ran = 0
-        raw.execute("BEGIN IMMEDIATE" if writes else "BEGIN")
+        self._db.begin("BEGIN IMMEDIATE" if writes else "BEGIN")
         try:
-            self._db.now = utc_now_text()
             ran = 0
             while ran < len(items):
                 if (
