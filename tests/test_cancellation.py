@@ -83,10 +83,11 @@ async def test_cancel_once_a_write_started_stores_it_and_withdraws_the_rest(
     first, second = handler.submit("first", "run"), handler.submit("second", "run")
     started = slow_completions(handler, 0.2)
     # One batch: "first" is running (held in the slow trigger) when both are cancelled,
-    # "second" has not started.
+    # "second" has not started. (Its merge mode is the other one, so it cannot run
+    # together with "first": see test_a_cancelled_write_run_together_with_a_started_one.)
     calls = [
         asyncio.ensure_future(handler.handle_result("first", {"v": 1}, is_main_running=hot)),
-        asyncio.ensure_future(handler.handle_result("second", {"v": 2}, is_main_running=hot)),
+        asyncio.ensure_future(handler.handle_result("second", {"v": 2}, is_main_running=not hot)),
     ]
     assert await asyncio.to_thread(started.wait, 10), "the worker never started the write"
     for call in calls:
@@ -113,11 +114,39 @@ async def test_cancel_once_a_write_started_stores_it_and_withdraws_the_rest(
     # A retried delivery: refused for the stored one, accepted for the withdrawn one.
     with pytest.raises(BackgroundTaskError, match="already completed"):
         await handler.handle_result("first", {"v": 1}, is_main_running=hot)
-    await handler.handle_result("second", {"v": 2}, is_main_running=hot)
+    await handler.handle_result("second", {"v": 2}, is_main_running=not hot)
     assert handler.get_task("second") is second and second.is_complete
     drained = [task.task_id async for task in handler.drain_pending()]
-    assert drained == ([] if hot else ["first", "second"])
-    assert merged == ["first", "second"]
+    assert drained == (["second"] if hot else ["first"])
+    assert sorted(merged) == ["first", "second"]
+    await handler.aclose()
+
+
+async def test_a_cancelled_write_run_together_with_a_started_one(db_path: Path) -> None:
+    """Concurrent completions of one kind run as one statement: cancelling any of them
+    once that statement started stores it too, with the same agreement as above."""
+    state = RunState("agent")
+    handler = BackgroundTaskHandler(state, database=db_path)
+    tasks = [handler.submit(f"t{index}", "run") for index in range(3)]
+    started = slow_completions(handler, 0.2)
+    calls = [
+        asyncio.ensure_future(
+            handler.handle_result(task.task_id, {"i": index}, is_main_running=False)
+        )
+        for index, task in enumerate(tasks)
+    ]
+    assert await asyncio.to_thread(started.wait, 10), "the worker never started the write"
+    calls[1].cancel()
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert outcomes[0] is MergeMode.WAKEUP and outcomes[2] is MergeMode.WAKEUP
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert stored_statuses(db_path) == {"t0": "success", "t1": "success", "t2": "success"}
+    assert [task.result for task in tasks] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    for task in tasks:
+        node = state.find_node(f"bg:{task.task_id}")
+        assert node is not None and node.status is RunNodeStatus.SUCCESS
+    assert pending_ids(db_path) == ["t0", "t1", "t2"]
     await handler.aclose()
 
 

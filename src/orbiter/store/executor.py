@@ -12,7 +12,7 @@ still comes only from ``queries.py``.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from operator import itemgetter
 from typing import Any, NamedTuple
 
@@ -128,6 +128,27 @@ class Db:
     def changes(self, statement: ClauseElement, params: dict[str, Any] | None = None) -> int:
         """Rows changed by a statement without RETURNING."""
         return self.execute(statement, params).rowcount
+
+    def changes_many(self, statement: ClauseElement, many: Iterable[Mapping[str, Any]]) -> int:
+        """Execute ``statement`` once for each set of values in ``many``, all in one call
+        (``executemany``); return the rows changed in all."""
+        compiled = compile_statement(statement)
+        return self.raw.executemany(compiled.sql, [compiled.bind(one) for one in many]).rowcount
+
+    def all_or_nothing(self, run: Callable[[], bool]) -> bool:
+        """Call ``run`` in a savepoint: what it wrote is undone if it returns False (or
+        raises)."""
+        raw = self.raw
+        raw.execute("SAVEPOINT all_or_nothing")
+        kept = False
+        try:
+            kept = run()
+            return kept
+        finally:
+            if not kept and raw.in_transaction:
+                raw.execute("ROLLBACK TO all_or_nothing")
+            if raw.in_transaction:
+                raw.execute("RELEASE all_or_nothing")
 
     def mappings(
         self, statement: ClauseElement, params: dict[str, Any] | None = None

@@ -7,6 +7,7 @@ parameters (``bindparam("name")``; :mod:`orbiter.store.executor` binds them in o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -32,6 +33,7 @@ from orbiter.store.schema import pending_queue as pending
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "TaskRow",
     "acknowledge_all_claimed",
     "acknowledge_claimed",
     "claim_pending",
@@ -62,6 +64,9 @@ __all__ = [
 
 #: A SELECT of any columns.
 AnySelect = Select[*tuple[Any, ...]]
+
+#: A task row as the task queries return it (see ``TASK_COLUMNS``).
+TaskRow = Sequence[Any]
 
 #: Statuses from which a task may still complete.
 ACTIVE_STATUSES = ("init", "running")

@@ -16,11 +16,10 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable, Collection, Sequence
+from collections.abc import AsyncGenerator, Collection
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Update
 from sqlalchemy import exc as sa_exc
 
 from orbiter._internal.signal import Signal
@@ -32,8 +31,6 @@ from orbiter.errors import (
     DatabaseLockedError,
     DuplicateTaskError,
     InvalidValueError,
-    TaskAlreadyCompletedError,
-    TaskNotFoundError,
 )
 from orbiter.migrate import ensure_schema
 from orbiter.store import CommittedThenCancelled, queries
@@ -55,6 +52,7 @@ from orbiter.store.engine import (
     guarded_open,
 )
 from orbiter.store.executor import Db
+from orbiter.store.finish import Finish
 from orbiter.store.heartbeat import Heartbeat
 from orbiter.store.owner import (
     OwnerIdentity,
@@ -64,6 +62,7 @@ from orbiter.store.owner import (
     owner_rows,
     record_heartbeat,
 )
+from orbiter.store.queries import TaskRow
 from orbiter.store.worker import CommitWorker, Operation
 
 __all__ = ["SqlStore"]
@@ -79,8 +78,6 @@ DRAIN_BATCH = 100
 #: acknowledgement. (A claim is visible to other processes as soon as it commits.)
 CLAIMS_ARE_RELAXED = True
 
-#: A task row as the queries return it (see ``queries.TASK_COLUMNS``).
-TaskRow = Sequence[Any]
 
 #: Stored text to enum member: a dict lookup, where calling the enum costs about a
 #: microsecond a row (a drain reads every row it yields).
@@ -220,38 +217,6 @@ class SqlStore:
         self._worker.call(insert)
         self._tasks[task.task_id] = task
 
-    def _finish_op(
-        self,
-        task_id: str,
-        update: Callable[[bool], Update],
-        params: dict[str, Any],
-        *,
-        returning: bool,
-        enqueue: bool,
-    ) -> Operation[TaskRow | None]:
-        """The guarded ``update`` that finishes a task (and queues it if ``enqueue``); it
-        returns the task's parent id and payload if ``returning``, else None."""
-        statement = update(returning)
-
-        def finish(db: Db) -> TaskRow | None:
-            params["now"] = db.now
-            if returning:
-                row = db.first(statement, params)
-                changed = row is not None
-            else:
-                row = None
-                changed = db.changes(statement, params) > 0
-            if not changed:
-                status = db.scalar(queries.task_status(), {"id": task_id})
-                if status is None:
-                    raise TaskNotFoundError(task_id)
-                raise TaskAlreadyCompletedError(task_id, status)
-            if enqueue:
-                db.execute(queries.enqueue(), {"task_id": task_id, "now": db.now})
-            return None if row is None else tuple(row)
-
-        return finish
-
     def _held_task(self, task_id: str, row: TaskRow) -> BackgroundTask:
         """The object this handler holds for ``task_id``, made from ``row`` (parent id and
         payload text first) and remembered if there is none."""
@@ -282,7 +247,7 @@ class SqlStore:
         # The object someone holds must show the result; nobody else needs one built,
         # and only building one needs the row back.
         held = self._tasks.get(task_id)
-        operation = self._finish_op(
+        operation = Finish(
             task_id,
             queries.complete_task,
             params,
@@ -334,7 +299,7 @@ class SqlStore:
         error = self._storable_error(error)
         params = {"id": task_id, "error": error}
         held = self._tasks.get(task_id)
-        operation = self._finish_op(
+        operation = Finish(
             task_id, queries.fail_task, params, returning=held is None, enqueue=False
         )
         row = self._worker.call(operation)

@@ -22,9 +22,13 @@ guarded statements first); such an error is the caller's answer and the batch go
 other error rolls the batch back, and its operations are retried one per transaction so
 only the faulty one fails.
 
-Cancelling an async caller withdraws its operation if it has not started yet; once
-started, it runs to its end and the cancellation reaches the caller after it (see
-:class:`_Waiter`), so a cancelled call never leaves its effect unknown.
+Consecutive operations of a batch that share a ``together`` function (completions, see
+``finish.py``) run as one: one statement for up to ``MAX_TOGETHER`` of them.
+
+Cancelling an async caller withdraws its operation if it has not started yet (operations
+run together start together); once started, it runs to its end and the cancellation
+reaches the caller after it (see :class:`_Waiter`), so a cancelled call never leaves its
+effect unknown.
 """
 
 from __future__ import annotations
@@ -58,6 +62,10 @@ MAX_BATCH = 2_000
 #: Async operations a batch runs before a blocked thread may take the place of the rest:
 #: bounds how long a sync call waits, and guarantees async writes progress meanwhile.
 MAKE_WAY_AFTER = 8
+
+#: Most operations run together as one statement (see ``_run_next``): no more than a
+#: blocked thread lets run before it joins a batch.
+MAX_TOGETHER = MAKE_WAY_AFTER
 
 Operation = Callable[[Db], T]
 
@@ -557,20 +565,43 @@ class CommitWorker:
                     if ran == len(items):
                         break
                     async_left = 0  # what is left are threads' operations
-                item = items[ran]
-                if item.start():  # else cancelled while waiting for its turn: skipped
-                    try:
-                        item.outcome = (True, item.run(self._db))
-                    except BackgroundTaskError as exc:
-                        item.outcome = (False, exc)
-                ran += 1
-                if item.future is None:
-                    async_ran += 1
-                    async_left -= 1
+                end = self._run_next(items, ran)
+                for item in items[ran:end]:
+                    if item.future is None:
+                        async_ran += 1
+                        async_left -= 1
+                ran = end
             raw.execute("COMMIT")
         except BaseException:
             _end_transaction(raw)
             raise
+
+    def _run_next(self, items: list[_Queued[Any]], at: int) -> int:
+        """Run ``items[at]``, and with it the operations right after it that can run
+        together with it (the same ``together`` attribute: one statement for them all,
+        see ``finish.py``); return the index after the last one taken."""
+        together = getattr(items[at].run, "together", None)
+        end = at + 1
+        if together is not None:
+            last = min(len(items), at + MAX_TOGETHER)
+            while end < last and getattr(items[end].run, "together", None) is together:
+                end += 1
+        # Skipped: those cancelled while waiting for their turn.
+        started = [item for item in items[at:end] if item.start()]
+        if (
+            together is not None
+            and len(started) > 1
+            and together(self._db, [item.run for item in started])
+        ):
+            for item in started:
+                item.outcome = (True, None)
+            return end
+        for item in started:  # alone; or together, one did not apply and nothing was written
+            try:
+                item.outcome = (True, item.run(self._db))
+            except BackgroundTaskError as exc:
+                item.outcome = (False, exc)
+        return end
 
 
 #: Loop classes known to schedule every callback through ``BaseEventLoop._ready``.

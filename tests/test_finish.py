@@ -1,0 +1,154 @@
+"""Concurrent completions run together (one ``executemany`` for their updates, one for
+their queue entries), and each caller still gets its own answer: when one of them does
+not apply, nothing of the group stays written and each runs alone."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from orbiter._internal.background import BackgroundTaskHandler, MergeMode
+from orbiter.errors import BackgroundTaskError, TaskAlreadyCompletedError, TaskNotFoundError
+from orbiter.store.executor import Db
+
+
+def handler_connection(handler: BackgroundTaskHandler) -> sqlite3.Connection:
+    return handler._store._worker._db.raw  # type: ignore[attr-defined,no-any-return]
+
+
+def trace(handler: BackgroundTaskHandler) -> list[str]:
+    """Every statement the handler's own connection runs from now on."""
+    statements: list[str] = []
+    handler_connection(handler).set_trace_callback(statements.append)
+    return statements
+
+
+def file_state(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Statuses and the pending queue in order, as another connection reads them."""
+    with sqlite3.connect(path) as connection:
+        statuses = dict(connection.execute("SELECT task_id, status FROM background_tasks"))
+        queued = [row[0] for row in connection.execute("SELECT task_id FROM pending_queue")]
+    return statuses, queued
+
+
+async def test_concurrent_completions_commit_together_in_call_order(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    tasks = [handler.submit(f"t{index:02}", "run") for index in range(50)]
+    statements = trace(handler)
+    commits = handler._store._worker.commits  # type: ignore[attr-defined]
+
+    modes = await asyncio.gather(
+        *(
+            handler.handle_result(task.task_id, {"i": i}, is_main_running=False)
+            for i, task in enumerate(tasks)
+        )
+    )
+
+    assert modes == [MergeMode.WAKEUP] * 50
+    assert handler._store._worker.commits == commits + 1  # type: ignore[attr-defined]
+    assert any(sql.startswith("SAVEPOINT") for sql in statements)
+    assert not any(sql.startswith("ROLLBACK") for sql in statements)
+    statuses, queued = file_state(db_path)
+    assert set(statuses.values()) == {"success"}
+    assert queued == [task.task_id for task in tasks]
+    assert [task.result for task in tasks] == [{"i": i} for i in range(50)]
+    drained = [task async for task in handler.drain_pending()]
+    assert drained == tasks
+    await handler.aclose()
+
+
+async def test_one_that_does_not_apply_leaves_the_others_to_run_alone(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    for task_id in ("a", "b", "c"):
+        handler.submit(task_id, "run")
+    statements = trace(handler)
+
+    outcomes = await asyncio.gather(
+        handler.handle_result("a", 1, is_main_running=False),
+        handler.handle_result("b", 2, is_main_running=False),
+        handler.handle_result("a", 3, is_main_running=False),  # a second delivery
+        handler.handle_result("missing", 4, is_main_running=False),
+        handler.handle_result("c", 5, is_main_running=False),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] is MergeMode.WAKEUP and outcomes[1] is MergeMode.WAKEUP
+    assert isinstance(outcomes[2], TaskAlreadyCompletedError)
+    assert isinstance(outcomes[3], TaskNotFoundError)
+    assert outcomes[4] is MergeMode.WAKEUP
+    assert any(sql.startswith("ROLLBACK TO") for sql in statements)  # tried together first
+    assert file_state(db_path) == (
+        {"a": "success", "b": "success", "c": "success"},
+        ["a", "b", "c"],
+    )
+    assert handler.get_task("a").result == 1  # type: ignore[union-attr]
+    await handler.aclose()
+
+
+async def test_a_database_error_in_the_group_fails_only_its_own_call(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    for task_id in ("a", "bad", "c"):
+        handler.submit(task_id, "run")
+    handler_connection(handler).execute(
+        "CREATE TEMP TRIGGER refuse BEFORE UPDATE OF status ON background_tasks "
+        "WHEN NEW.task_id = 'bad' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+    )
+
+    outcomes = await asyncio.gather(
+        *(
+            handler.handle_result(task_id, 1, is_main_running=False)
+            for task_id in ("a", "bad", "c")
+        ),
+        return_exceptions=True,
+    )
+
+    assert outcomes[0] is MergeMode.WAKEUP and outcomes[2] is MergeMode.WAKEUP
+    assert isinstance(outcomes[1], BackgroundTaskError)
+    assert "refused by the test" in str(outcomes[1])
+    assert file_state(db_path) == ({"a": "success", "bad": "running", "c": "success"}, ["a", "c"])
+    await handler.aclose()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Db]:
+    connection = sqlite3.connect(tmp_path / "plain.db", isolation_level=None)
+    connection.execute("CREATE TABLE t (x INTEGER)")
+    yield Db(connection)
+    connection.close()
+
+
+def rows(db: Db) -> list[int]:
+    return [row[0] for row in db.raw.execute("SELECT x FROM t ORDER BY x")]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_all_or_nothing_keeps_or_undoes_what_it_wrote(db: Db, keep: bool) -> None:
+    db.begin("BEGIN IMMEDIATE")
+    db.raw.execute("INSERT INTO t VALUES (1)")
+
+    def write() -> bool:
+        db.raw.executemany("INSERT INTO t VALUES (?)", [(2,), (3,)])
+        return keep
+
+    assert db.all_or_nothing(write) is keep
+    db.raw.execute("INSERT INTO t VALUES (4)")  # the transaction goes on either way
+    db.raw.execute("COMMIT")
+    assert rows(db) == ([1, 2, 3, 4] if keep else [1, 4])
+
+
+def test_all_or_nothing_undoes_what_it_wrote_when_it_raises(db: Db) -> None:
+    db.begin("BEGIN IMMEDIATE")
+    db.raw.execute("INSERT INTO t VALUES (1)")
+
+    def write() -> bool:
+        db.raw.execute("INSERT INTO t VALUES (2)")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        db.all_or_nothing(write)
+    db.raw.execute("COMMIT")
+    assert rows(db) == [1]
