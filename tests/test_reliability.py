@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -384,6 +385,28 @@ async def test_a_drain_whose_wrapper_closes_it_late_still_redelivers_the_item_in
         break
     del consumer
     assert [task.task_id async for task in handler.drain_pending()] == ids
+
+
+async def test_a_drain_dropped_in_a_reference_cycle_closes_once_and_quietly(
+    handler: BackgroundTaskHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = await queue_results(handler, "run", 5)
+
+    class Holder:
+        drain: Any
+        me: Any
+
+    holder = Holder()
+    holder.drain = drain = handler.drain_pending()
+    holder.me = holder  # a cycle: only the garbage collector frees it
+    assert (await anext(drain)).task_id == ids[0]
+    del drain, holder
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()  # asyncio closes the dropped drain in a task of its own
+        assert [task.task_id async for task in handler.drain_pending()] == ids
+        await asyncio.sleep(0.01)
+        gc.collect()  # a failed close is logged when its task is collected
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
 
 
 def test_two_processes_draining_never_share_items(db_path: Path) -> None:

@@ -9,14 +9,14 @@ and :class:`~orbiter.store.sql_store.SqlStore` (a SQLite file, durable on return
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Collection
+from collections.abc import AsyncIterator, Awaitable, Collection
 from typing import Any, Protocol
 
 from orbiter._internal.signal import Signal
 from orbiter._internal.state import RunNodeStatus
 from orbiter._internal.task import BackgroundTask, MergeMode
 
-__all__ = ["CommittedThenCancelled", "TaskStore"]
+__all__ = ["CommittedThenCancelled", "PendingDrain", "TaskStore"]
 
 
 class CommittedThenCancelled(asyncio.CancelledError):
@@ -33,6 +33,19 @@ class CommittedThenCancelled(asyncio.CancelledError):
     def __init__(self, cancelled: asyncio.CancelledError, result: Any) -> None:
         super().__init__(*cancelled.args)
         self.result = result
+
+
+class PendingDrain(Protocol):
+    """What ``TaskStore.iter_pending`` returns: the queued tasks in order (an async
+    iterator), and ``aclose()`` to stop early (freeing what it still holds)."""
+
+    def __aiter__(self) -> AsyncIterator[BackgroundTask]: ...
+
+    def __anext__(self) -> Awaitable[BackgroundTask]: ...
+
+    def aclose(self) -> Awaitable[None]:
+        """Stop the drain and free what it holds."""
+        ...
 
 
 class TaskStore(Protocol):
@@ -86,7 +99,7 @@ class TaskStore(Protocol):
         """Whether any task is queued (cheaper than counting a long queue)."""
         ...
 
-    def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
+    def iter_pending(self, parent_task_id: str | None) -> PendingDrain:
         """Yield queued tasks (of one parent, or all) in enqueue order, each claimed so no
         other drain gets it; each is removed when the consumer asks for the next one, and
         what is still held is freed if the consumer stops early."""

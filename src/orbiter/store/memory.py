@@ -24,6 +24,7 @@ from orbiter.errors import (
     TaskAlreadyCompletedError,
     TaskNotFoundError,
 )
+from orbiter.store import PendingDrain
 
 __all__ = ["MemoryStore"]
 
@@ -188,7 +189,7 @@ class MemoryStore:
         taken, so a garbage collector's finalizer may call this anywhere)."""
         self._dropped.append(claimer)
 
-    def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
+    def iter_pending(self, parent_task_id: str | None) -> PendingDrain:
         claimer = f"drain/{next(self._drains)}"
         drain = self._drain(claimer, parent_task_id)
         # A drain dropped where nothing can close it (its loop was closed first) gives

@@ -16,7 +16,8 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Collection
+from collections import deque
+from collections.abc import Collection
 from functools import partial
 from typing import Any
 
@@ -33,7 +34,7 @@ from orbiter.errors import (
     InvalidValueError,
 )
 from orbiter.migrate import ensure_schema
-from orbiter.store import CommittedThenCancelled, queries
+from orbiter.store import CommittedThenCancelled, PendingDrain, queries
 from orbiter.store.claims import acknowledge, any_free_item, claim_next
 from orbiter.store.codec import (
     Codec,
@@ -376,9 +377,9 @@ class SqlStore:
     def has_pending(self) -> bool:
         return bool(self._worker.call(_any_pending, writes=False))
 
-    def iter_pending(self, parent_task_id: str | None) -> AsyncGenerator[BackgroundTask, None]:
+    def iter_pending(self, parent_task_id: str | None) -> PendingDrain:
         claimer = self._new_claimer()
-        drain = self._drain(claimer, parent_task_id)
+        drain = _Drain(self, claimer, parent_task_id)
         # A drain dropped where nothing can close it (its loop was closed first) leaves
         # its claims behind: once it is gone, the next claim frees them.
         weakref.finalize(drain, self.forget_claims, claimer)
@@ -388,37 +389,6 @@ class SqlStore:
         """``claimer`` was dropped without freeing its items: the next claim frees them
         (no lock taken, so a garbage collector's finalizer may call this anywhere)."""
         self._live_claimers.discard(claimer)
-
-    async def _drain(
-        self, claimer: str, parent_task_id: str | None
-    ) -> AsyncGenerator[BackgroundTask, None]:
-        def newest(db: Db) -> int | None:
-            return db.scalar(queries.max_pending_seq())  # type: ignore[no-any-return]
-
-        upto = await self._worker.acall(newest, writes=False)
-        if upto is None:
-            self._live_claimers.discard(claimer)
-            return
-        after = 0
-        try:
-            while True:
-                batch = await self._worker.acall(
-                    self._claim(claimer, parent_task_id, after=after, upto=upto, limit=DRAIN_BATCH),
-                    relaxed=CLAIMS_ARE_RELAXED,
-                )
-                if not batch:
-                    return
-                for row in batch:
-                    yield self._task_from_row(row[1:])
-                    # The consumer asked for the next item, so it has merged this one:
-                    # remove it before handing out the next (a process-crash-safe commit;
-                    # losing it to power loss means a redelivery, never a loss).
-                    after = row[0]
-                    await self._worker.acall(partial(acknowledge, claimer, after), relaxed=True)
-        finally:
-            # Stopped early (the consumer raised or broke off, or was cancelled, perhaps
-            # while a claim committed): free what we hold.
-            await self._free_claims(claimer)
 
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         """Claim every free pending item (of one parent), for an all-or-nothing merge."""
@@ -544,6 +514,84 @@ class SqlStore:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)
+
+
+class _Drain:
+    """One drain of the queue (``iter_pending``): claims items in batches, hands them out
+    in enqueue order, and removes each when the consumer asks for the next one.
+
+    An async iterator rather than an async generator on purpose: asyncio finalizes a
+    dropped async generator itself, so a drain dropped inside a reference cycle, together
+    with the handler's generator that wraps it, would be closed twice at once (the second
+    close fails, and asyncio logs it). This object is closed only by its owner.
+    """
+
+    def __init__(self, store: SqlStore, claimer: str, parent_task_id: str | None) -> None:
+        self._store = store
+        self._claimer = claimer
+        self._parent = parent_task_id
+        self._upto: int | None = None  # the newest item when the drain started
+        self._batch: deque[TaskRow] = deque()  # claimed, not handed out yet
+        self._held: int | None = None  # the item the consumer holds
+        self._after = 0  # items up to this one are done
+        self._started = False
+        self._ended = False
+
+    def __aiter__(self) -> _Drain:
+        return self
+
+    async def __anext__(self) -> BackgroundTask:
+        if self._ended:
+            raise StopAsyncIteration
+        store = self._store
+        try:
+            if not self._started:
+                self._started = True
+                self._upto = await store._worker.acall(_newest_pending, writes=False)
+                if self._upto is None:  # nothing to drain: nothing was claimed either
+                    self._ended = True
+                    store._live_claimers.discard(self._claimer)
+                    raise StopAsyncIteration
+            if self._held is not None:
+                # The consumer asked for the next item, so it has merged this one: remove
+                # it before handing out the next (a process-crash-safe commit; losing it
+                # to power loss means a redelivery, never a loss).
+                self._after, self._held = self._held, None
+                await store._worker.acall(
+                    partial(acknowledge, self._claimer, self._after), relaxed=True
+                )
+            if not self._batch:
+                claim = store._claim(
+                    self._claimer,
+                    self._parent,
+                    after=self._after,
+                    upto=self._upto,
+                    limit=DRAIN_BATCH,
+                )
+                self._batch.extend(await store._worker.acall(claim, relaxed=CLAIMS_ARE_RELAXED))
+                if not self._batch:
+                    await self.aclose()
+                    raise StopAsyncIteration
+        except StopAsyncIteration:
+            raise
+        except BaseException:
+            # Failed, or cancelled (perhaps while a claim committed): free what we hold.
+            await self.aclose()
+            raise
+        row = self._batch.popleft()
+        self._held = row[0]
+        return store._task_from_row(row[1:])
+
+    async def aclose(self) -> None:
+        """Stop: free every item still held (the one in hand is handed out again)."""
+        if self._ended:
+            return
+        self._ended = True
+        await self._store._free_claims(self._claimer)
+
+
+def _newest_pending(db: Db) -> int | None:
+    return db.scalar(queries.max_pending_seq())  # type: ignore[no-any-return]
 
 
 def _any_pending(db: Db) -> bool:
