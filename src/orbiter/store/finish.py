@@ -22,12 +22,9 @@ from orbiter.errors import TaskAlreadyCompletedError, TaskNotFoundError
 from orbiter.store import queries
 from orbiter.store.executor import Db
 from orbiter.store.queries import TaskRow
+from orbiter.store.worker import Together
 
 __all__ = ["Finish"]
-
-#: Runs a group of operations as one: True if all of them applied, else False with
-#: nothing written (each is then run alone).
-Together = Callable[[Db, list[Any]], bool]
 
 
 class Finish:

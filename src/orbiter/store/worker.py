@@ -50,7 +50,7 @@ from orbiter.errors import BackgroundTaskError, HandlerClosedError
 from orbiter.store import CommittedThenCancelled
 from orbiter.store.executor import Db
 
-__all__ = ["CommitWorker", "Operation"]
+__all__ = ["CommitWorker", "Operation", "Together"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,10 @@ MAKE_WAY_AFTER = 8
 MAX_TOGETHER = MAKE_WAY_AFTER
 
 Operation = Callable[[Db], T]
+
+#: Runs a group of operations as one (an operation's ``together`` attribute): True if all
+#: of them applied, else False with nothing written (each is then run alone).
+Together = Callable[[Db, list[Any]], bool]
 
 #: Taken by whoever decides an async operation's fate: the worker starting it, or the
 #: caller's cancellation withdrawing it (see :class:`_Waiter`).
@@ -580,28 +584,29 @@ class CommitWorker:
         """Run ``items[at]``, and with it the operations right after it that can run
         together with it (the same ``together`` attribute: one statement for them all,
         see ``finish.py``); return the index after the last one taken."""
-        together = getattr(items[at].run, "together", None)
-        end = at + 1
-        if together is not None:
-            last = min(len(items), at + MAX_TOGETHER)
-            while end < last and getattr(items[end].run, "together", None) is together:
-                end += 1
-        # Skipped: those cancelled while waiting for their turn.
+        first = items[at]
+        together = _together_of(first)
+        if together is None:
+            if first.start():  # else cancelled while waiting for its turn: skipped
+                self._run_alone(first)
+            return at + 1
+        end, last = at + 1, min(len(items), at + MAX_TOGETHER)
+        while end < last and _together_of(items[end]) is together:
+            end += 1
         started = [item for item in items[at:end] if item.start()]
-        if (
-            together is not None
-            and len(started) > 1
-            and together(self._db, [item.run for item in started])
-        ):
+        if len(started) > 1 and together(self._db, [item.run for item in started]):
             for item in started:
                 item.outcome = (True, None)
             return end
         for item in started:  # alone; or together, one did not apply and nothing was written
-            try:
-                item.outcome = (True, item.run(self._db))
-            except BackgroundTaskError as exc:
-                item.outcome = (False, exc)
+            self._run_alone(item)
         return end
+
+    def _run_alone(self, item: _Queued[Any]) -> None:
+        try:
+            item.outcome = (True, item.run(self._db))
+        except BackgroundTaskError as exc:
+            item.outcome = (False, exc)
 
 
 #: Loop classes known to schedule every callback through ``BaseEventLoop._ready``.
@@ -623,6 +628,11 @@ def _alone_in_turn(loop: asyncio.AbstractEventLoop) -> bool:
         return False
     task = asyncio.current_task(loop)
     return task is not None and not task.cancelling()
+
+
+def _together_of(item: _Queued[Any]) -> Together | None:
+    """How ``item``'s operation runs together with others of its kind, if it can."""
+    return getattr(item.run, "together", None)
 
 
 def _outcome(waiter: _Waiter) -> tuple[bool, Any]:
