@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +154,82 @@ def test_all_or_nothing_undoes_what_it_wrote_when_it_raises(db: Db) -> None:
         db.all_or_nothing(write)
     db.raw.execute("COMMIT")
     assert rows(db) == [1]
+
+
+async def test_a_blocked_thread_waits_for_no_more_async_completions_than_before(
+    db_path: Path,
+) -> None:
+    """A sync call blocked behind a batch joins it once 8 async operations ran
+    (``MAKE_WAY_AFTER``); completions run together never carry it past that point."""
+    handler = BackgroundTaskHandler(database=db_path)
+    ids = ["slow"] + [f"t{index:02}" for index in range(30)]
+    for task_id in [*ids, "victim"]:
+        handler.submit(task_id, "run")
+    started = slow_update_of(handler, "slow", 0.3)
+    raw = handler_connection(handler)
+    raw.execute("CREATE TEMP TABLE finished (task_id TEXT)")
+    raw.execute(
+        "CREATE TEMP TRIGGER log_finished AFTER UPDATE OF status ON background_tasks "
+        "BEGIN INSERT INTO finished VALUES (NEW.task_id); END"
+    )
+    # Alone first ("slow", held in its update, then six of alternating kinds), then runs
+    # of the same kind that could go together.
+    hot = [True] + [index % 2 == 1 for index in range(6)] + [False] * 24
+
+    def blocked_sync_call() -> None:
+        started.wait(10)
+        time.sleep(0.05)  # arrives while "slow" runs: it has to wait for the batch
+        handler.handle_error("victim", "failed")
+
+    thread = asyncio.get_running_loop().run_in_executor(None, blocked_sync_call)
+    await asyncio.gather(
+        *(handler.handle_result(t, 1, is_main_running=h) for t, h in zip(ids, hot, strict=True))
+    )
+    await thread
+    order = [row[0] for row in raw.execute("SELECT task_id FROM finished ORDER BY rowid")]
+    assert order.index("victim") == 8  # "slow" and the 7 after it, then the thread's write
+    await handler.aclose()
+
+
+async def test_a_queued_completion_behind_a_running_group_can_still_be_withdrawn(
+    db_path: Path,
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    ids = [f"t{index:02}" for index in range(12)]
+    tasks = [handler.submit(task_id, "run") for task_id in ids]
+    started = slow_update_of(handler, "t00", 0.2)
+    calls = [
+        asyncio.ensure_future(handler.handle_result(task_id, 1, is_main_running=False))
+        for task_id in ids
+    ]
+    assert await asyncio.to_thread(started.wait, 10), "the worker never started the write"
+    calls[1].cancel()  # runs together with t00: started with it
+    calls[11].cancel()  # in the next group: not started yet
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+
+    assert isinstance(outcomes[1], asyncio.CancelledError)
+    assert isinstance(outcomes[11], asyncio.CancelledError)
+    statuses, queued = file_state(db_path)
+    assert statuses["t01"] == "success" and tasks[1].status.value == "success"
+    assert statuses["t11"] == "running" and tasks[11].status.value == "running"
+    assert queued == ids[:11]
+    await handler.aclose()
+
+
+def slow_update_of(handler: BackgroundTaskHandler, task_id: str, seconds: float) -> threading.Event:
+    """The handler's own connection pauses ``seconds`` in the status update of
+    ``task_id``; the event is set when it starts pausing."""
+    started = threading.Event()
+
+    def slow() -> int:
+        started.set()
+        time.sleep(seconds)
+        return 0
+
+    raw = handler_connection(handler)
+    raw.create_function("orbiter_test_slow", 0, slow)
+    raw.execute(
+        "CREATE TEMP TRIGGER slow_update AFTER UPDATE OF status ON background_tasks "
+        f"WHEN NEW.task_id = '{task_id}' BEGIN SELECT orbiter_test_slow(); END"
+    )
+    return started

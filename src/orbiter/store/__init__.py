@@ -67,7 +67,8 @@ class TaskStore(Protocol):
         Returns the task; a store may return None instead when ``want_task`` is False
         (building the object has a cost the caller does not need to pay). A caller
         cancelled while the write is under way gets :class:`CommittedThenCancelled` if
-        it committed, a plain ``CancelledError`` if it never started.
+        it committed, a plain ``CancelledError`` if it never started (a write run
+        together with others starts with them).
         """
         ...
 

@@ -11,6 +11,7 @@ still comes only from ``queries.py``.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from operator import itemgetter
@@ -140,15 +141,21 @@ class Db:
         raises)."""
         raw = self.raw
         raw.execute("SAVEPOINT all_or_nothing")
-        kept = False
         try:
             kept = run()
-            return kept
-        finally:
-            if not kept and raw.in_transaction:
-                raw.execute("ROLLBACK TO all_or_nothing")
-            if raw.in_transaction:
-                raw.execute("RELEASE all_or_nothing")
+        except BaseException:
+            # The error is what the caller must see; undoing may fail too (SQLite may
+            # have rolled the whole transaction back), and the transaction's own
+            # rollback then ends the savepoint.
+            with contextlib.suppress(sqlite3.Error):
+                if raw.in_transaction:
+                    raw.execute("ROLLBACK TO all_or_nothing")
+                    raw.execute("RELEASE all_or_nothing")
+            raise
+        if not kept:
+            raw.execute("ROLLBACK TO all_or_nothing")
+        raw.execute("RELEASE all_or_nothing")
+        return kept
 
     def mappings(
         self, statement: ClauseElement, params: dict[str, Any] | None = None

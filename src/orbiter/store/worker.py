@@ -88,7 +88,8 @@ class _Waiter(asyncio.Future[Any]):
 
     ``Task.cancel()`` cancels the future its task awaits. Before the operation starts
     (in the queue, or in a batch waiting for SQLite's lock or for its turn) that
-    withdraws it: it is skipped. Once started this refuses, so asyncio lets the
+    withdraws it: it is skipped. Operations run together (see ``_run_next``) all start
+    when their group does. Once started this refuses, so asyncio lets the
     operation finish, answers the waiter and only then raises ``CancelledError`` in the
     caller, which can still read the outcome here.
     """
@@ -569,7 +570,10 @@ class CommitWorker:
                     if ran == len(items):
                         break
                     async_left = 0  # what is left are threads' operations
-                end = self._run_next(items, ran)
+                # A blocked thread may join once MAKE_WAY_AFTER async operations ran: a
+                # group run together does not reach past that point.
+                most = MAKE_WAY_AFTER - async_ran if may_make_way else MAX_TOGETHER
+                end = self._run_next(items, ran, most if most > 0 else MAX_TOGETHER)
                 for item in items[ran:end]:
                     if item.future is None:
                         async_ran += 1
@@ -580,17 +584,17 @@ class CommitWorker:
             _end_transaction(raw)
             raise
 
-    def _run_next(self, items: list[_Queued[Any]], at: int) -> int:
+    def _run_next(self, items: list[_Queued[Any]], at: int, most: int) -> int:
         """Run ``items[at]``, and with it the operations right after it that can run
-        together with it (the same ``together`` attribute: one statement for them all,
-        see ``finish.py``); return the index after the last one taken."""
+        together with it (the same ``together`` attribute: one statement for up to
+        ``most`` of them, see ``finish.py``); return the index after the last one taken."""
         first = items[at]
         together = _together_of(first)
         if together is None:
             if first.start():  # else cancelled while waiting for its turn: skipped
                 self._run_alone(first)
             return at + 1
-        end, last = at + 1, min(len(items), at + MAX_TOGETHER)
+        end, last = at + 1, min(len(items), at + most)
         while end < last and _together_of(items[end]) is together:
             end += 1
         started = [item for item in items[at:end] if item.start()]
