@@ -20,6 +20,7 @@ import pytest
 from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler, MergeMode
 from orbiter._internal.state import RunNodeStatus, RunState
 from orbiter.errors import BackgroundTaskError
+from orbiter.store.codec import JsonCodec
 from tests.conftest import run_helper
 from tests.test_crash import kill, read_until, start_child
 
@@ -407,6 +408,52 @@ async def test_a_drain_dropped_in_a_reference_cycle_closes_once_and_quietly(
         await asyncio.sleep(0.01)
         gc.collect()  # a failed close is logged when its task is collected
     assert not caplog.records, [record.getMessage() for record in caplog.records]
+
+
+class _FailingLoads(JsonCodec):
+    """Fails to decode one result, as a user's codec might."""
+
+    def loads(self, text: str) -> Any:
+        if text == '"RUN-1"':
+            raise ValueError("undecodable result")
+        return super().loads(text)
+
+
+async def test_an_item_that_fails_to_decode_stays_queued(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path, codec=_FailingLoads())
+    ids = await queue_results(handler, "run", 3)
+    drain = handler._store.iter_pending(None)
+    assert (await anext(drain)).task_id == ids[0]
+    with pytest.raises(ValueError, match="undecodable"):
+        await anext(drain)
+    with pytest.raises(StopAsyncIteration):  # ended: its items were freed
+        await anext(drain)
+    still = BackgroundTaskHandler(database=db_path)
+    assert [task.task_id async for task in still.drain_pending()] == ids[1:]
+    await still.aclose()
+    await handler.aclose()
+
+
+async def test_a_drain_refuses_a_second_caller_while_it_runs(
+    durable: BackgroundTaskHandler,
+) -> None:
+    """As an async generator does: two callers at once would hand out an item before the
+    previous one is acknowledged, and a close mid-claim would leave that claim behind."""
+    ids = await queue_results(durable, "run", 3)
+    drain = durable._store.iter_pending(None)
+    assert (await anext(drain)).task_id == ids[0]
+    busy = durable._store._worker._connection_lock  # type: ignore[attr-defined]
+    with busy:  # the acknowledgement goes to the commit thread, which waits for this
+        first = asyncio.ensure_future(anext(drain))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        with pytest.raises(RuntimeError, match="already running"):
+            await anext(drain)
+        with pytest.raises(RuntimeError, match="already running"):
+            await drain.aclose()
+    assert (await first).task_id == ids[1]
+    await drain.aclose()
+    assert [task.task_id async for task in durable.drain_pending()] == ids[1:]
 
 
 def test_two_processes_draining_never_share_items(db_path: Path) -> None:

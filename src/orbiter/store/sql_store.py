@@ -536,54 +536,73 @@ class _Drain:
         self._after = 0  # items up to this one are done
         self._started = False
         self._ended = False
+        self._running = False  # in __anext__ (which one caller at a time may be)
 
     def __aiter__(self) -> _Drain:
         return self
 
     async def __anext__(self) -> BackgroundTask:
+        if self._running:  # as an async generator would refuse it
+            raise RuntimeError("anext(): this drain is already running")
         if self._ended:
             raise StopAsyncIteration
-        store = self._store
+        self._running = True
         try:
-            if not self._started:
-                self._started = True
-                self._upto = await store._worker.acall(_newest_pending, writes=False)
-                if self._upto is None:  # nothing to drain: nothing was claimed either
-                    self._ended = True
-                    store._live_claimers.discard(self._claimer)
-                    raise StopAsyncIteration
-            if self._held is not None:
-                # The consumer asked for the next item, so it has merged this one: remove
-                # it before handing out the next (a process-crash-safe commit; losing it
-                # to power loss means a redelivery, never a loss).
-                self._after, self._held = self._held, None
-                await store._worker.acall(
-                    partial(acknowledge, self._claimer, self._after), relaxed=True
-                )
-            if not self._batch:
-                claim = store._claim(
-                    self._claimer,
-                    self._parent,
-                    after=self._after,
-                    upto=self._upto,
-                    limit=DRAIN_BATCH,
-                )
-                self._batch.extend(await store._worker.acall(claim, relaxed=CLAIMS_ARE_RELAXED))
-                if not self._batch:
-                    await self.aclose()
-                    raise StopAsyncIteration
+            return await self._next()
         except StopAsyncIteration:
             raise
         except BaseException:
             # Failed, or cancelled (perhaps while a claim committed): free what we hold.
-            await self.aclose()
+            try:
+                await self._end()
+            except Exception:  # the error above is the one to raise
+                logger.warning(
+                    "could not free the items of a drain stopped by an error (the next "
+                    "claim frees them)",
+                    exc_info=True,
+                )
             raise
-        row = self._batch.popleft()
+        finally:
+            self._running = False
+
+    async def _next(self) -> BackgroundTask:
+        store = self._store
+        if not self._started:
+            self._started = True
+            self._upto = await store._worker.acall(_newest_pending, writes=False)
+            if self._upto is None:  # nothing to drain: nothing was claimed either
+                self._ended = True
+                store._live_claimers.discard(self._claimer)
+                raise StopAsyncIteration
+        if self._held is not None:
+            # The consumer asked for the next item, so it has merged this one: remove it
+            # before handing out the next (a process-crash-safe commit; losing it to
+            # power loss means a redelivery, never a loss).
+            self._after, self._held = self._held, None
+            await store._worker.acall(
+                partial(acknowledge, self._claimer, self._after), relaxed=True
+            )
+        if not self._batch:
+            claim = store._claim(
+                self._claimer, self._parent, after=self._after, upto=self._upto, limit=DRAIN_BATCH
+            )
+            self._batch.extend(await store._worker.acall(claim, relaxed=CLAIMS_ARE_RELAXED))
+            if not self._batch:
+                await self._end()
+                raise StopAsyncIteration
+        row = self._batch[0]
+        task = store._task_from_row(row[1:])  # may fail (a codec): then the item stays
+        self._batch.popleft()
         self._held = row[0]
-        return store._task_from_row(row[1:])
+        return task
 
     async def aclose(self) -> None:
         """Stop: free every item still held (the one in hand is handed out again)."""
+        if self._running:
+            raise RuntimeError("aclose(): this drain is already running")
+        await self._end()
+
+    async def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
