@@ -87,6 +87,40 @@ def test_group_committed_results_survive_sigkill(db_path: Path) -> None:
     assert all(task["status"] == "success" for task in seen["tasks"].values())
 
 
+@pytest.mark.parametrize("after", [1, 200])
+def test_completions_run_together_survive_sigkill_mid_stream(db_path: Path, after: int) -> None:
+    """Killed while batches of concurrent completions (run together, a group at a time)
+    keep committing: every call that returned is stored with its queue entry, and no
+    completion is stored without its entry, or the other way round."""
+    child = start_child("lane_results", str(db_path), "40", "25")
+    read_until(child, "submitted")
+    seen_lines = [line for line in read_until_count(child, "returned", after)]
+    child.send_signal(signal.SIGKILL)
+    rest, _ = child.communicate(timeout=10)  # what it printed before it died
+    returned = {
+        int(words[1])
+        for words in map(str.split, [*seen_lines, *rest.splitlines()])
+        if len(words) == 2 and words[0] == "returned"  # the last line may be cut short
+    }
+    assert len(returned) >= after
+
+    seen = inspect(db_path, "--drain")
+    finished = {task_id for task_id, task in seen["tasks"].items() if task["status"] == "success"}
+    assert {f"l{index}" for index in returned} <= finished
+    assert set(seen["drained"]) == finished  # each stored result has its entry, and only they
+    assert seen["pending_size"] == len(finished)
+    for task_id in finished:
+        assert seen["tasks"][task_id]["result"] == int(task_id[1:])
+
+
+def read_until_count(child: subprocess.Popen[str], prefix: str, count: int) -> list[str]:
+    """Read the child's lines until ``count`` of them started with ``prefix``."""
+    lines: list[str] = []
+    while sum(line.startswith(prefix) for line in lines) < count:
+        lines.extend(read_until(child, prefix))
+    return lines
+
+
 def test_drain_killed_while_holding_item_redelivers_it_and_not_earlier(db_path: Path) -> None:
     # Queue ten wake-up results, from a process that then dies.
     child = start_child("results", str(db_path), "15")

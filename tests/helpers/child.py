@@ -65,6 +65,28 @@ def gather_results(db: str, count: str) -> None:
     asyncio.run(_gather_results(db, int(count)))
 
 
+async def _lane_results(db: str, lanes: int, per_lane: int) -> None:
+    """``lanes`` coroutines each complete ``per_lane`` tasks in turn: a stream of batches
+    of concurrent completions (run together in the worker), for a kill to land in."""
+    handler = BackgroundTaskHandler(database=db)
+    for index in range(lanes * per_lane):
+        handler.submit(f"l{index}", "run")
+    say("submitted")
+
+    async def lane(first: int) -> None:
+        for index in range(first, lanes * per_lane, lanes):
+            await handler.handle_result(f"l{index}", index, is_main_running=False)
+            say("returned", index)
+
+    await asyncio.gather(*(lane(first) for first in range(lanes)))
+    say("all returned")
+    hang()
+
+
+def lane_results(db: str, lanes: str, per_lane: str) -> None:
+    asyncio.run(_lane_results(db, int(lanes), int(per_lane)))
+
+
 async def _drain_hold(db: str, hold_at: int) -> None:
     handler = BackgroundTaskHandler(database=db)
     position = 0
