@@ -434,6 +434,26 @@ async def test_an_item_that_fails_to_decode_stays_queued(db_path: Path) -> None:
     await handler.aclose()
 
 
+async def test_a_failed_release_does_not_hide_the_error_that_stopped_the_drain(
+    db_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path, codec=_FailingLoads())
+    await queue_results(handler, "run", 3)
+    store = handler._store
+
+    async def release_fails(claimer: str) -> None:
+        raise RuntimeError("release failed")
+
+    monkeypatch.setattr(store, "_free_claims", release_fails)
+    drain = store.iter_pending(None)
+    await anext(drain)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="undecodable"):
+        await anext(drain)
+    assert "could not free the items" in caplog.text
+    monkeypatch.undo()
+    await handler.aclose()
+
+
 async def test_a_drain_refuses_a_second_caller_while_it_runs(
     durable: BackgroundTaskHandler,
 ) -> None:
