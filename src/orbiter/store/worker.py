@@ -572,8 +572,9 @@ class CommitWorker:
                     async_left = 0  # what is left are threads' operations
                 # A blocked thread may join once MAKE_WAY_AFTER async operations ran: a
                 # group run together does not reach past that point.
-                most = MAKE_WAY_AFTER - async_ran if may_make_way else MAX_TOGETHER
-                end = self._run_next(items, ran, most if most > 0 else MAX_TOGETHER)
+                joinable_later = may_make_way and async_ran < MAKE_WAY_AFTER
+                most = MAKE_WAY_AFTER - async_ran if joinable_later else MAX_TOGETHER
+                end = self._run_next(items, ran, most)
                 for item in items[ran:end]:
                     if item.future is None:
                         async_ran += 1
