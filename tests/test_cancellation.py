@@ -10,6 +10,7 @@ SQLite function called by a temporary trigger on the handler's own connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import sqlite3
 import subprocess
@@ -542,3 +543,39 @@ def test_a_signal_handler_cancelling_the_task_mid_write_does_not_hang(tmp_path: 
     assert len(rows) == 1000
     assert set(rows) <= {("success", 0, 1), ("running", 1, 0)}
     assert sum(1 for row in rows if row[0] == "success") >= stored
+
+
+async def test_aclose_waits_for_merges_detached_by_calls_cancelled_as_it_begins(
+    tmp_path: Path,
+) -> None:
+    """``gather`` returns as soon as one call is cancelled, while the others may still be
+    finishing their writes: ``aclose`` right after must still wait for the hot merges
+    those calls hand to a task of their own once they are cancelled."""
+    for turns in range(40):  # cancel at many moments of the calls' progress
+        log = await cancel_then_close(tmp_path / f"{turns}.db", turns)
+        assert log.count("start") == log.count("end"), (turns, log)
+
+
+async def cancel_then_close(path: Path, turns: int) -> list[str]:
+    """Three hot completions, cancelled after ``turns`` loop turns, then ``aclose``: what
+    the merge callbacks had done when it returned."""
+    handler = BackgroundTaskHandler(database=path)
+    log: list[str] = []
+
+    async def on_merge(task: BackgroundTask, mode: MergeMode) -> None:
+        log.append("start")
+        await asyncio.sleep(0.01)
+        handler.get_task(task.task_id)  # raises once the handler is closed
+        log.append("end")
+
+    handler.on_merge(on_merge)
+    for index in range(3):
+        handler.submit(f"t{index}", "run")
+    calls = asyncio.gather(*(handler.handle_result(f"t{i}", i) for i in range(3)))
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    calls.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await calls
+    await handler.aclose()
+    return list(log)

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import weakref
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from enum import StrEnum
 from types import TracebackType
 from typing import Any, Self
@@ -189,6 +189,8 @@ class BackgroundTaskHandler:
         #: Work a cancelled call left to finish: hot merges (see handle_result) and
         #: resubmissions (see recover_orphans).
         self._detached: set[asyncio.Task[None]] = set()
+        #: Writes under way whose cancelled caller may still detach work (see _finishing).
+        self._finishing_writes: set[asyncio.Future[None]] = set()
         self._open_drains = OpenDrains()
         self._store: TaskStore
         if database is None:
@@ -221,10 +223,15 @@ class BackgroundTaskHandler:
     async def aclose(self) -> None:
         """Finish queued writes and release the database. Safe to call twice."""
         loop, me = asyncio.get_running_loop(), asyncio.current_task()
-        detached = [t for t in self._detached if t.get_loop() is loop and t is not me]
         try:
-            if detached:  # they may still use the handler (asyncio.wait never cancels them)
-                await asyncio.wait(detached)
+            # Detached work may still use the handler, and a write under way may still
+            # detach some (a caller cancelled as ``aclose`` began): wait until neither is
+            # left (``asyncio.wait`` never cancels them).
+            while waiting := [
+                *(w for w in self._finishing_writes if w.get_loop() is loop),
+                *(t for t in self._detached if t.get_loop() is loop and t is not me),
+            ]:
+                await asyncio.wait(waiting)
         finally:
             await self._store.aclose()
 
@@ -316,7 +323,11 @@ class BackgroundTaskHandler:
         mode = HOT if is_main_running else WAKEUP
         merge_now = mode is HOT and bool(self._merge_callbacks)
         try:
-            task = await self._store.complete(task_id, result, mode, want_task=merge_now)
+            if merge_now:  # a cancelled caller detaches the merge: aclose waits for it
+                with self._finishing():
+                    task = await self._store.complete(task_id, result, mode, want_task=True)
+            else:
+                task = await self._store.complete(task_id, result, mode, want_task=False)
         except CommittedThenCancelled as committed:
             self._succeeded(task_id)
             if merge_now:
@@ -450,7 +461,8 @@ class BackgroundTaskHandler:
             OrphanAction.RESUBMIT: "adopt",
         }[chosen]
         try:
-            settled = await self._store.recover_orphans(status)
+            with self._finishing():
+                settled = await self._store.recover_orphans(status)
         except CommittedThenCancelled as committed:
             # Settled (adopted) in the file: the rest must follow, or adopted tasks
             # would stay RUNNING under this live handler and never be redone.
@@ -487,6 +499,19 @@ class BackgroundTaskHandler:
     def _node(self, task_id: str) -> RunNode | None:
         """The run-state node tracking ``task_id`` (``"bg:<task_id>"``), if any."""
         return None if self._state is None else self._state.find_node(f"bg:{task_id}")
+
+    @contextlib.contextmanager
+    def _finishing(self) -> Iterator[None]:
+        """Mark a write whose caller, if cancelled once it started, hands the rest of its
+        work to :meth:`_detach` (right after this block, in the same step): ``aclose``
+        waits until it is over."""
+        over = asyncio.get_running_loop().create_future()
+        self._finishing_writes.add(over)
+        try:
+            yield
+        finally:
+            self._finishing_writes.discard(over)
+            over.set_result(None)
 
     def _detach(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` in a task of its own: its caller was cancelled (``aclose`` waits)."""
