@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 import json
 import math
+import random
+import struct
 import sys
 import threading
 import uuid
@@ -229,3 +231,87 @@ def test_a_value_changed_by_another_thread_while_encoding_is_never_stored_unchec
                 assert json.loads(text)[0] == 0
     finally:
         sys.setswitchinterval(old_interval)
+
+
+#: Stored texts whose decoding could differ between ``orjson`` and the ``json`` module.
+DECODE_EDGES: list[Any] = [
+    "999999999999999999",  # 18 digits: fits 64 bits
+    "-999999999999999999",
+    str(2**63 - 1),
+    str(2**63),
+    str(2**64 - 1),
+    str(2**64),  # orjson: a float
+    str(-(2**63) - 1),
+    str(10**30),
+    f'{{"id": {2**70}, "n": [1, {-(2**65)}]}}',
+    '"a string 12345678901234567890 of digits"',
+    "0.12345678901234567890123",
+    "1e400",  # the json module: inf; orjson refuses
+    "1e-400",
+    "-0.0",
+    "NaN",  # not strict JSON, but the json module reads it (a file edited by hand)
+    "[Infinity, -Infinity]",
+    '"\\udcff lone surrogate escape"',
+    '"\\ud83d\\ude00 pair"',
+    '"naïve ☃"',
+    '{"a": 1, "a": 2}',
+    "[" * 500 + "]" * 500,
+    "[" * 1100 + "]" * 1100,  # deeper than either decodes
+]
+
+
+def _typed(value: Any) -> Any:
+    """``value`` with every leaf tagged by its type (``1 == 1.0`` must not pass)."""
+    if isinstance(value, dict):
+        return {key: _typed(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_typed(item) for item in value]
+    if isinstance(value, float) and math.isnan(value):
+        return ("nan",)
+    return (type(value).__name__, value)
+
+
+def _outcome(loads: Any, text: str | bytes) -> Any:
+    try:
+        return _typed(loads(text))
+    except RecursionError:
+        return RecursionError
+
+
+@pytest.mark.parametrize("text", DECODE_EDGES, ids=lambda t: t[:24])
+def test_stored_text_decodes_exactly_as_the_json_module_reads_it(text: str) -> None:
+    expected = _outcome(json.loads, text)
+    assert _outcome(CODEC.loads, text) == expected
+    assert _outcome(CODEC.loads, text.encode()) == expected  # a BLOB column
+
+
+@pytest.mark.parametrize("text", ["", "[1,]", "nan", '"\t"', "01", "1 2", "{'a': 1}"])
+def test_text_that_is_not_json_raises_value_error(text: str) -> None:
+    with pytest.raises(ValueError):
+        CODEC.loads(text)
+
+
+def test_random_values_decode_exactly_as_the_json_module_reads_them() -> None:
+    rng = random.Random(20261207)
+
+    def number() -> Any:
+        choice = rng.randrange(4)
+        if choice == 0:
+            return rng.randrange(-(10 ** rng.randrange(1, 25)), 10 ** rng.randrange(1, 25))
+        if choice == 1:
+            return struct.unpack("<d", rng.getrandbits(64).to_bytes(8, "little"))[0]
+        if choice == 2:
+            return rng.uniform(-1e6, 1e6)
+        return "".join(rng.choice("0123456789 x.é😀") for _ in range(rng.randrange(30)))
+
+    def value(depth: int) -> Any:
+        if depth > 3 or rng.random() < 0.3:
+            return number()
+        if rng.random() < 0.5:
+            return [value(depth + 1) for _ in range(rng.randrange(5))]
+        return {f"k{i}": value(depth + 1) for i in range(rng.randrange(5))}
+
+    for _ in range(3000):
+        item = value(0)
+        text = json.dumps(item, allow_nan=True)
+        assert _typed(CODEC.loads(text)) == _typed(json.loads(text)), text
