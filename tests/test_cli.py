@@ -426,20 +426,35 @@ def test_a_file_name_that_is_not_utf8(db: Path) -> None:
     assert ok_json("tasks", "--db", odd)["total"] == len(TASKS)
 
 
+#: Read commands a monitoring user runs; and write commands, which such a user is refused.
+UNPRIVILEGED_READS = [("stats",), ("tasks",), ("pending",), ("orphans",), ("migrate", "--show")]
+UNPRIVILEGED_WRITES = [("drain",), ("orphans", "--settle", "fail"), ("migrate",)]
+
+
 @pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() != 0,
     reason="needs root to become an unprivileged user",
 )
-def test_read_commands_work_for_a_user_who_cannot_write_the_directory(db: Path) -> None:
+@pytest.mark.parametrize(
+    "directory_mode",
+    [0o755, 0o1777],
+    ids=["directory-read-only", "only-the-file-read-only"],
+)
+def test_read_commands_of_a_user_who_cannot_write_the_file_leave_nothing_beside_it(
+    db: Path, directory_mode: int
+) -> None:
+    # In a shared directory (1777) SQLite would create a -wal and -shm of the reader's,
+    # which the reader cannot remove (only a connection that may write the file does),
+    # and which would then stop the file's owner from writing it.
     with BackgroundTaskHandler(database=db):
         pass  # a clean close folds the log into the file and removes it
     shared = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is private to root
     try:
-        shared.chmod(0o755)  # root's directory: others may read it, not write it
+        shared.chmod(directory_mode)
         target = shared / "tasks.db"
         shutil.copy(db, target)
-        target.chmod(0o644)
-        expected = ok_json("stats", "--db", db)  # also loads every module the child needs
+        target.chmod(0o644)  # root's file: others may read it, not write it
+        expected = [ok_json(*command, "--db", db) for command in UNPRIVILEGED_READS]
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: an unprivileged reader such as a monitoring user
@@ -447,18 +462,30 @@ def test_read_commands_work_for_a_user_who_cannot_write_the_directory(db: Path) 
                 os.close(read_end)
                 os.setgid(65534)
                 os.setuid(65534)
-                done = cli("stats", "--db", target, "--json")
-                answer = [done.returncode, done.stdout, done.stderr]
-                os.write(write_end, json.dumps(answer).encode())
+                answers = []
+                for command in UNPRIVILEGED_READS + UNPRIVILEGED_WRITES:
+                    done = cli(*command, "--db", target, "--json")
+                    answers.append([done.returncode, done.stdout, done.stderr])
+                os.write(write_end, json.dumps(answers).encode())
             finally:
                 os._exit(0)
         os.close(write_end)
         with os.fdopen(read_end) as pipe:
-            code, out, err = json.loads(pipe.read() or '[-1, "", "the child said nothing"]')
+            answers = json.loads(pipe.read() or '[[-1, "", "the child said nothing"]]')
         os.waitpid(pid, 0)
-        assert code == 0, err
-        assert json.loads(out) == {**expected, "database": str(target.resolve())}
+        reads, writes = answers[: len(expected)], answers[len(expected) :]
+        for (code, out, err), wanted in zip(reads, expected, strict=True):
+            assert code == 0, err
+            if "database" in wanted:
+                wanted["database"] = str(target.resolve())
+            assert json.loads(out) == wanted
+        assert len(writes) == len(UNPRIVILEGED_WRITES), answers
+        for code, _out, err in writes:
+            assert (code, err.count("\n")) == (1, 1), err
+            assert "read-only" in err
         assert [path.name for path in shared.iterdir()] == ["tasks.db"]  # nothing created
+        with BackgroundTaskHandler(database=target) as handler:  # the owner still writes
+            handler.submit("after-the-readers", "run")
     finally:
         shutil.rmtree(shared)
 

@@ -30,6 +30,7 @@ from orbiter.store.engine import (
     check_sqlite_file,
     create_sync_engine,
     has_log_files,
+    is_writable,
     read_only_uri,
     remove_empty_log,
     resolve_database,
@@ -163,11 +164,17 @@ def check_schema(connection: Connection, target: DatabaseTarget) -> None:
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     """A read-only connection that takes SQLite's locks (a consistent snapshot).
 
-    A WAL reader needs the ``-shm`` file beside the database; a user who may not write
-    that directory cannot create it. Only then, and only if there is no ``-wal`` either
-    (no handler has the file open), is the file read as immutable (without locks): a
-    handler that starts writing during that read could make it inconsistent.
+    A WAL reader needs the ``-shm`` file beside the database. When there is none (no
+    handler has the file open), SQLite creates it and an empty ``-wal``, and only a
+    connection that may write the file removes them again. So a user who may not write
+    the file or its directory reads it as immutable (without locks) instead: files of
+    theirs left beside it would stop the file's owner from writing it. A handler that
+    starts writing during such a read could make it inconsistent.
     """
+    if not has_log_files(path) and not (is_writable(path) and is_writable(path.parent)):
+        return sqlite3.connect(
+            read_only_uri(path, immutable=True), uri=True, check_same_thread=False
+        )
     connection = sqlite3.connect(
         read_only_uri(path), uri=True, timeout=BUSY_TIMEOUT, check_same_thread=False
     )

@@ -33,6 +33,7 @@ __all__ = [
     "create_sync_engine",
     "enable_wal",
     "has_log_files",
+    "is_writable",
     "remove_empty_log",
     "resolve_database",
     "run_pragma",
