@@ -768,7 +768,8 @@ def test_read_commands_leave_the_file_alone(db: Path) -> None:
 # -- orphans ---------------------------------------------------------------------------
 
 
-def test_orphans_lists_then_settles_tasks_of_a_killed_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["text", "json"])
+def test_orphans_lists_then_settles_tasks_of_a_killed_process(tmp_path: Path, form: str) -> None:
     from tests.test_crash import kill, read_until, start_child
 
     path = tmp_path / "orphans.db"
@@ -782,8 +783,16 @@ def test_orphans_lists_then_settles_tasks_of_a_killed_process(tmp_path: Path) ->
         assert {"t0", "t1", "t2"} <= {item["task_id"] for item in listed["orphans"]}
         assert "alive" not in {item["task_id"] for item in listed["orphans"]}
         assert all("exited" in item["reason"] for item in listed["orphans"])
-        out = ok("orphans", "--db", path, "--settle", "timeout", run=entry)
-        assert f"{listed['count']} orphaned task(s) marked TIMEOUT" in out
+        if form == "text":
+            out = ok("orphans", "--db", path, "--settle", "timeout", run=entry)
+            assert f"{listed['count']} orphaned task(s) marked TIMEOUT" in out
+        else:
+            settled = json.loads(ok("orphans", "--db", path, "--settle", "timeout", "--json"))
+            assert (settled["settled"], settled["count"]) == ("timeout", listed["count"])
+            assert {item["status"] for item in settled["orphans"]} == {"timeout"}
+            owner_of = {item["task_id"]: item["owner_id"] for item in listed["orphans"]}
+            assert {item["task_id"]: item["owner_id"] for item in settled["orphans"]} == owner_of
+            assert None not in owner_of.values()
         assert ok_json("orphans", "--db", path)["count"] == 0
         assert ok_json("stats", "--db", path)["by_status"]["timeout"] == listed["count"]
     assert "invalid choice" in fails("orphans", "--db", path, "--settle", "nuke", code=2)

@@ -72,6 +72,9 @@ PIPE_WIDTH = 160
 #: Rows a dry-run purge lists before summarising the rest.
 DRY_RUN_SHOWN = 50
 
+#: Task ids per query when looking up the owners of settled orphans.
+OWNER_LOOKUP_BATCH = 500
+
 Command = Callable[[argparse.Namespace, Console], int]
 
 
@@ -630,6 +633,7 @@ def cmd_orphans(args: argparse.Namespace, out: Console) -> int:
             pass  # exists, is ours, is at head
         assert target.path is not None
         found = asyncio.run(_settle_orphans(str(target.path), args.settle))
+        _add_owners(target, found)
     else:
         found = _list_orphans(target)
     if args.json:
@@ -679,12 +683,24 @@ async def _settle_orphans(database: str, action: str) -> list[dict[str, Any]]:
         {
             "task_id": task.task_id,
             "parent_task_id": task.parent_task_id,
-            "owner_id": None,
+            "owner_id": None,  # see _add_owners
             "reason": task.error or "orphaned",
             "status": task.status.value,
         }
         for task in settled
     ]
+
+
+def _add_owners(target: DatabaseTarget, settled: list[dict[str, Any]]) -> None:
+    """Fill in the owner each settled task had (its row keeps it; the task object not)."""
+    with open_for_reading(target) as connection:
+        for start in range(0, len(settled), OWNER_LOOKUP_BATCH):
+            batch = settled[start : start + OWNER_LOOKUP_BATCH]
+            ids = [item["task_id"] for item in batch]
+            rows = connection.execute(q.owners_of_tasks(), {"task_ids": ids})
+            owner_of: dict[str, str | None] = {row.task_id: row.owner_id for row in rows}
+            for item in batch:
+                item["owner_id"] = owner_of.get(item["task_id"])
 
 
 def cmd_demo(args: argparse.Namespace, out: Console) -> int:

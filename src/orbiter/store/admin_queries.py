@@ -35,6 +35,7 @@ __all__ = [
     "count_tasks",
     "delete_purgeable_batch",
     "oldest_pending",
+    "owners_of_tasks",
     "purgeable_tasks",
     "select_pending",
     "select_task_detail",
@@ -234,6 +235,14 @@ def count_foreign_tasks() -> AnySelect:
         select(func.count())
         .select_from(tasks)
         .where(func.substr(tasks.c.parent_task_id, 1, func.length(prefix)) != prefix)
+    )
+
+
+@cache
+def owners_of_tasks() -> AnySelect:
+    """The owner of each task in ``:task_ids`` (an expanding list), as (task_id, owner_id)."""
+    return select(tasks.c.task_id, tasks.c.owner_id).where(
+        tasks.c.task_id.in_(bindparam("task_ids", expanding=True))
     )
 
 
