@@ -30,7 +30,7 @@ from unittest import mock
 
 import pytest
 
-from orbiter._internal.background import BackgroundTaskHandler
+from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
 from orbiter.cli import main
 from orbiter.migrate import downgrade
 from orbiter.store.codec import TIMESTAMP_FORMAT
@@ -535,6 +535,41 @@ def test_read_commands_leave_nothing_beside_a_closed_file(db: Path) -> None:
         ok(*command, "--db", db)
         assert sorted(p.name for p in db.parent.iterdir()) == [db.name], command
     assert _digest(db) == before
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["stats"],
+        ["tasks"],
+        ["pending"],
+        ["show", "t0"],
+        ["orphans"],
+        ["migrate", "--show"],
+        ["migrate"],
+        ["purge", "--older-than", "1d", "--dry-run"],
+        ["purge", "--older-than", "1d"],
+        ["requeue", "t0"],
+        ["drain"],
+        ["orphans", "--settle", "fail"],
+    ],
+    ids=" ".join,
+)
+def test_every_command_refuses_a_damaged_file_as_a_handler_does(
+    db: Path, command: list[str]
+) -> None:
+    # Garbage over a page that no command reads on its way (counts, the schema, the
+    # revision), so only the check a handler makes at open finds it.
+    pages = db.stat().st_size // 4096
+    data = bytearray(db.read_bytes())
+    data[(pages - 1) * 4096 :] = bytes(range(256)) * 16
+    db.write_bytes(bytes(data))
+    with pytest.raises(BackgroundTaskError, match="corrupt"):
+        BackgroundTaskHandler(database=db)
+    before = _digest(db)
+    assert "corrupt" in fails(*command, "--db", db)
+    assert _digest(db) == before
+    assert sorted(p.name for p in db.parent.iterdir()) == [db.name]
 
 
 async def test_read_commands_leave_a_live_handlers_files_alone(db: Path) -> None:

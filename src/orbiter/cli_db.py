@@ -29,9 +29,11 @@ from orbiter.store.engine import (
     DatabaseTarget,
     check_sqlite_file,
     create_sync_engine,
+    guarded_open,
     has_log_files,
     is_writable,
     read_only_uri,
+    refuse_damaged_pages,
     remove_empty_log,
     resolve_database,
 )
@@ -190,9 +192,15 @@ def _connect_read_only(path: Path) -> sqlite3.Connection:
     return connection
 
 
-def _readonly_engine(path: Path) -> Engine:
+def _readonly_engine(path: Path, where: str) -> Engine:
     def connect() -> sqlite3.Connection:
-        return _connect_read_only(path)
+        connection = _connect_read_only(path)
+        try:
+            refuse_damaged_pages(connection, path, where)  # as a handler's open would
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
     engine = create_engine("sqlite+pysqlite://", creator=connect, poolclass=NullPool)
 
@@ -219,7 +227,7 @@ def open_for_reading(target: DatabaseTarget, *, check: bool = True) -> Iterator[
     """
     path = check_existing_file(target)
     had_log = has_log_files(path)
-    engine = _readonly_engine(path)
+    engine = _readonly_engine(path, target.describe())
     try:
         with engine.connect() as connection, connection.begin():
             if check:
@@ -252,6 +260,8 @@ def open_for_writing(target: DatabaseTarget) -> Iterator[Connection]:
     """
     path = check_existing_file(target)
     check_sqlite_file(path)  # read-only file or directory: a clear DatabaseError
+    with guarded_open(path, target.describe()):
+        pass  # a damaged file is refused, as a handler refuses it, and left as it was
     engine = create_sync_engine(target, busy_timeout=BUSY_TIMEOUT)
     try:
         with engine.connect() as connection:

@@ -22,6 +22,7 @@ from orbiter.store.engine import (
     create_private_file,
     create_sync_engine,
     enable_wal,
+    guarded_open,
     resolve_database,
     run_pragma,
 )
@@ -195,8 +196,11 @@ def _connect(database: str) -> Iterator[tuple[str, Connection]]:
     """A connection to ``database`` (path or URL), checked first: a new file is created
     readable only by its owner, a file that cannot be ours raises ``DatabaseError``."""
     target = resolve_database(database)
-    if target.path is not None and not check_sqlite_file(target.path):
+    existing = target.path if target.path is not None and check_sqlite_file(target.path) else None
+    if target.path is not None and existing is None:
         create_private_file(target.path)
+    with guarded_open(existing, target.describe()):
+        pass  # a damaged file is refused, as a handler refuses it, and left as it was
     engine = create_sync_engine(target)
     try:
         with engine.connect() as connection:

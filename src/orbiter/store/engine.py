@@ -32,8 +32,10 @@ __all__ = [
     "configure_sqlite_engine",
     "create_sync_engine",
     "enable_wal",
+    "guarded_open",
     "has_log_files",
     "is_writable",
+    "refuse_damaged_pages",
     "remove_empty_log",
     "resolve_database",
     "run_pragma",
@@ -258,21 +260,30 @@ def guarded_open(path: Path | None, where: str) -> Iterator[None]:
     guard = sqlite3.connect(read_only_uri(path), uri=True, isolation_level=None)
     opened = False
     try:
-        if path.stat().st_size <= FULL_CHECK_MAX_BYTES:
-            problems = [row[0] for row in guard.execute("PRAGMA quick_check(3)").fetchall()]
-            if problems != ["ok"]:
-                raise DatabaseError(
-                    f"{where}: the file is corrupt ({'; '.join(problems)}); "
-                    "nothing was written to it"
-                )
-        else:
-            guard.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()  # take its lock
+        refuse_damaged_pages(guard, path, where)
+        guard.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()  # take its lock
         yield
         opened = True
     finally:
         guard.close()
         if not opened and not had_log:  # refused: leave nothing beside the file
             remove_empty_log(path)
+
+
+def refuse_damaged_pages(connection: sqlite3.Connection, path: Path, where: str) -> None:
+    """Refuse ``path`` if it is small enough to check page by page (see
+    :data:`FULL_CHECK_MAX_BYTES`) and ``PRAGMA quick_check`` finds damage.
+
+    Raises:
+        DatabaseError: naming the first problems the check found.
+    """
+    if path.stat().st_size > FULL_CHECK_MAX_BYTES:
+        return
+    problems = [row[0] for row in connection.execute("PRAGMA quick_check(3)").fetchall()]
+    if problems != ["ok"]:
+        raise DatabaseError(
+            f"{where}: the file is corrupt ({'; '.join(problems)}); nothing was written to it"
+        )
 
 
 def has_log_files(path: Path) -> bool:
