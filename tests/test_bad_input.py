@@ -154,6 +154,16 @@ def test_bad_database_arguments(database: Any) -> None:
         BackgroundTaskHandler(database=database)
 
 
+@pytest.mark.parametrize("database", [":memory:", Path(":memory:")], ids=["str", "Path"])
+def test_memory_as_a_path_is_refused_not_made_a_file(
+    database: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BackgroundTaskError, match="in-memory SQLite database is not durable"):
+        BackgroundTaskHandler(database=database)
+    assert list(tmp_path.iterdir()) == []
+
+
 async def test_strings_with_lone_surrogates_round_trip_in_values(db_path: Path) -> None:
     # A str holding a lone surrogate (what os.fsdecode makes of a non-UTF-8 file name)
     # is a JSON value: it is stored as a \udcff escape and comes back equal.

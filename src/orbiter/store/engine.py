@@ -73,6 +73,12 @@ class DatabaseTarget:
         return self.url.render_as_string(hide_password=True)
 
 
+_NOT_DURABLE = (
+    "an in-memory SQLite database is not durable; pass database=None for the in-memory "
+    "handler, or a file path"
+)
+
+
 def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
     """Turn a filesystem path or SQLAlchemy URL into a :class:`DatabaseTarget`.
 
@@ -87,6 +93,8 @@ def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
         )
     if not database.strip():
         raise InvalidValueError("database must not be empty")
+    if database == ":memory:":  # SQLite's name for a private in-memory database
+        raise InvalidValueError(_NOT_DURABLE)
     if "://" not in database:
         path = Path(database).expanduser().resolve()
         return DatabaseTarget(URL.create("sqlite+pysqlite", database=str(path)), path)
@@ -101,10 +109,7 @@ def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
         )
     name = url.database or ""
     if name in ("", ":memory:") or name.startswith("file:") or url.query.get("mode") == "memory":
-        raise InvalidValueError(
-            "an in-memory SQLite database is not durable; pass database=None for the "
-            "in-memory handler, or a file path"
-        )
+        raise InvalidValueError(_NOT_DURABLE)
     path = Path(name).expanduser().resolve()
     return DatabaseTarget(url.set(drivername="sqlite+pysqlite", database=str(path)), path)
 
