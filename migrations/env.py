@@ -15,12 +15,14 @@ from alembic import context
 from sqlalchemy import Connection
 from sqlalchemy.pool import NullPool
 
+from orbiter.migrate import check_foreign_keys
 from orbiter.store.engine import (
     ENV_VAR,
     check_sqlite_file,
     configure_sqlite_engine,
     create_private_file,
     enable_wal,
+    guarded_open,
     resolve_database,
     run_pragma,
 )
@@ -59,8 +61,11 @@ async def run_async_migrations() -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     target = resolve_database(_database_from_env())
-    if target.path is not None and not check_sqlite_file(target.path) and not target.path.exists():
+    existing = target.path if target.path is not None and check_sqlite_file(target.path) else None
+    if target.path is not None and existing is None and not target.path.exists():
         create_private_file(target.path)
+    with guarded_open(existing, target.describe()):
+        pass  # a damaged file is refused, as a handler refuses it, and left as it was
     engine = create_async_engine(target.async_url, poolclass=NullPool)
     configure_sqlite_engine(engine.sync_engine)
     try:
@@ -68,6 +73,7 @@ async def run_async_migrations() -> None:
             await connection.run_sync(run_pragma, "PRAGMA foreign_keys=OFF")
             async with connection.begin():
                 await connection.run_sync(run_migrations)
+                await connection.run_sync(check_foreign_keys)
             await connection.run_sync(enable_wal)
     finally:
         await engine.dispose()

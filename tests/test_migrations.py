@@ -146,3 +146,33 @@ def test_alembic_without_database_says_what_to_set(tmp_path: Path) -> None:
     )
     assert completed.returncode != 0
     assert "ORBITER_BG_DATABASE" in completed.stderr + completed.stdout
+
+
+@pytest.mark.skipif(len(KNOWN_REVISIONS) < 2, reason="needs an older revision to exist")
+@pytest.mark.parametrize("way", ["migrate.upgrade", "alembic"])
+def test_an_upgrade_that_would_keep_broken_foreign_keys_is_refused(db_path: Path, way: str) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("kept", "run")
+    older = KNOWN_REVISIONS[-2]
+    migrate.downgrade(str(db_path), older)
+    with sqlite3.connect(db_path) as connection:  # foreign keys are off by default here
+        connection.execute(
+            "INSERT INTO pending_queue (task_id, enqueued_at) VALUES ('nowhere', '2026-01-01')"
+        )
+    if way == "alembic":
+        alembic = Path(sys.executable).with_name("alembic")
+        env = {**os.environ, "ORBITER_BG_DATABASE": str(db_path)}
+        completed = subprocess.run(
+            [str(alembic), "upgrade", "head"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert completed.returncode != 0
+        assert "broken foreign keys" in completed.stderr
+    else:
+        with pytest.raises(SchemaError, match="broken foreign keys"):
+            migrate.upgrade(str(db_path))
+    assert stored_revision(db_path) == older  # the whole upgrade was rolled back

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from alembic.config import Config
 
 __all__ = [
+    "check_foreign_keys",
     "current_revision",
     "downgrade",
     "ensure_schema",
@@ -167,7 +168,7 @@ def upgrade_connection(
                 return
             before = current_revision(connection)
             command.upgrade(alembic_config(connection), revision)
-            _check_foreign_keys(connection)
+            check_foreign_keys(connection)
             logger.info("migrated %s from %s to %s", where, before, current_revision(connection))
     finally:
         run_pragma(connection, "PRAGMA foreign_keys=ON")
@@ -185,7 +186,8 @@ def downgrade_connection(connection: Connection, revision: str) -> None:
         run_pragma(connection, "PRAGMA foreign_keys=ON")
 
 
-def _check_foreign_keys(connection: Connection) -> None:
+def check_foreign_keys(connection: Connection) -> None:
+    """Refuse a migration that left rows whose foreign keys point nowhere."""
     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()  # in the transaction
     if broken:
         raise SchemaError(f"migration left {len(broken)} rows with broken foreign keys")
