@@ -16,9 +16,10 @@ import pytest
 from tests.conftest import HELPERS, run_helper
 
 
-def start_child(*args: str) -> subprocess.Popen[str]:
+def start_child(*args: str, script: str = "child.py") -> subprocess.Popen[str]:
+    """Start ``tests/helpers/SCRIPT ARGS`` with its output unbuffered."""
     return subprocess.Popen(
-        [sys.executable, str(HELPERS / "child.py"), *args],
+        [sys.executable, str(HELPERS / script), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

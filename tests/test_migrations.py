@@ -112,12 +112,22 @@ def test_older_schema_is_upgraded_or_refused(db_path: Path) -> None:
     assert stored_revision(db_path) == HEAD_REVISION
 
 
-def test_alembic_command_line_uses_the_environment_variable(db_path: Path) -> None:
+def run_alembic(database: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``alembic`` command from the project root with ``ORBITER_BG_DATABASE``
+    set to ``database`` (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "ORBITER_BG_DATABASE"}
+    if database is not None:
+        env["ORBITER_BG_DATABASE"] = database
     alembic = Path(sys.executable).with_name("alembic")
-    env = {**os.environ, "ORBITER_BG_DATABASE": str(db_path)}
+    return subprocess.run(
+        [str(alembic), *args], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
 
-    def run(*args: str) -> None:
-        subprocess.run([str(alembic), *args], cwd=ROOT, env=env, check=True, capture_output=True)
+
+def test_alembic_command_line_uses_the_environment_variable(db_path: Path) -> None:
+    def run(*args: str, database: str = str(db_path)) -> None:
+        completed = run_alembic(database, *args)
+        assert completed.returncode == 0, completed.stderr
 
     run("upgrade", "head")
     assert stored_revision(db_path) == HEAD_REVISION
@@ -128,22 +138,12 @@ def test_alembic_command_line_uses_the_environment_variable(db_path: Path) -> No
         handler.submit("a", "run")
     run("downgrade", "base")
     assert user_tables(db_path) == {"alembic_version"}
-    env["ORBITER_BG_DATABASE"] = f"sqlite+aiosqlite:///{db_path}"
-    run("upgrade", "head")
+    run("upgrade", "head", database=f"sqlite+aiosqlite:///{db_path}")
     assert stored_revision(db_path) == HEAD_REVISION
 
 
-def test_alembic_without_database_says_what_to_set(tmp_path: Path) -> None:
-    alembic = Path(sys.executable).with_name("alembic")
-    env = {k: v for k, v in os.environ.items() if k != "ORBITER_BG_DATABASE"}
-    completed = subprocess.run(
-        [str(alembic), "upgrade", "head"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+def test_alembic_without_database_says_what_to_set() -> None:
+    completed = run_alembic(None, "upgrade", "head")
     assert completed.returncode != 0
     assert "ORBITER_BG_DATABASE" in completed.stderr + completed.stdout
 
@@ -160,16 +160,7 @@ def test_an_upgrade_that_would_keep_broken_foreign_keys_is_refused(db_path: Path
             "INSERT INTO pending_queue (task_id, enqueued_at) VALUES ('nowhere', '2026-01-01')"
         )
     if way == "alembic":
-        alembic = Path(sys.executable).with_name("alembic")
-        env = {**os.environ, "ORBITER_BG_DATABASE": str(db_path)}
-        completed = subprocess.run(
-            [str(alembic), "upgrade", "head"],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        completed = run_alembic(str(db_path), "upgrade", "head")
         assert completed.returncode != 0
         assert "broken foreign keys" in completed.stderr
     else:
