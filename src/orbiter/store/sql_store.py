@@ -621,7 +621,11 @@ def _shut_down(
     worker: CommitWorker, heartbeat: Heartbeat, owner_id: str, done: threading.Event
 ) -> None:
     """Stop the heartbeat, mark the owner closed (its running tasks become orphans that
-    any process may settle at once), close the connection, then set ``done``."""
+    any process may settle at once), close the connection, then set ``done``. In a forked
+    child, whose copy of the handler is not its own, only set ``done``."""
+    if worker.forked:  # a forked child's copy: the parent's connection and owner row
+        done.set()
+        return
     if worker.on_commit_thread:
         # Collected on the commit thread (a cycle through an on_merge callback, say):
         # it cannot wait for itself, so another thread does the closing.

@@ -29,6 +29,15 @@ Cancelling an async caller withdraws its operation if it has not started yet (op
 run together start together); once started, it runs to its end and the cancellation
 reaches the caller after it (see :class:`_Waiter`), so a cancelled call never leaves its
 effect unknown.
+
+A process forked while a worker is open gets a copy of it without its thread and with
+its connection, which SQLite does not allow a child to use. So a fork first waits (up to
+``FORK_WAIT`` seconds) until no transaction runs on any open worker's connections: SQLite's
+own state, which the child inherits, is then at rest, and the child may open connections
+of its own to the same file. In the child every copied worker is closed at once, with
+nothing written: its calls raise :class:`HandlerClosedError` saying to open a new
+handler, and closing it (or the child exiting) leaves the parent's connection and owner
+row alone.
 """
 
 from __future__ import annotations
@@ -36,8 +45,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -76,6 +87,37 @@ Together = Callable[[Db, list[Any]], bool]
 #: Taken by whoever decides an async operation's fate: the worker starting it, or the
 #: caller's cancellation withdrawing it (see :class:`_Waiter`).
 _START_LOCK = threading.Lock()
+
+#: Workers not yet collected, for the fork hooks below.
+_OPEN_WORKERS: weakref.WeakSet[CommitWorker] = weakref.WeakSet()
+
+#: Seconds a fork waits for a worker's transaction under way (a commit, or a wait for
+#: another process's lock) before it goes ahead anyway.
+FORK_WAIT = 5.0
+
+
+def _before_fork() -> None:
+    for worker in list(_OPEN_WORKERS):
+        worker._hold_for_fork()  # pyright: ignore[reportPrivateUsage]
+
+
+def _after_fork_in_parent() -> None:
+    for worker in list(_OPEN_WORKERS):
+        worker._release_after_fork()  # pyright: ignore[reportPrivateUsage]
+
+
+def _after_fork_in_child() -> None:
+    global _START_LOCK  # noqa: PLW0603 - the parent's may be held, and never let go here
+    _START_LOCK = threading.Lock()
+    for worker in list(_OPEN_WORKERS):
+        worker._close_in_forked_child()  # pyright: ignore[reportPrivateUsage]
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 #: ``deciding`` is True on a thread from just before it takes ``_START_LOCK`` until it
 #: has let go: a signal handler that runs there (``asyncio.run`` cancels the main task on
@@ -177,6 +219,8 @@ class CommitWorker:
         self._wakeup = threading.Condition(threading.Lock())
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
+        self._forked = False  # this is a forked child's copy (see the module docstring)
+        self._held_for_fork: list[threading.Lock] = []  # taken while the process forks
         #: Durable async writes made during the current turn of each event loop, handed
         #: on together at the end of the turn (see ``acall``).
         self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
@@ -198,13 +242,45 @@ class CommitWorker:
         self._db = Db(self._pooled.driver_connection)  # type: ignore[arg-type]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
+        _OPEN_WORKERS.add(self)
+
+    def _closed_error(self) -> HandlerClosedError:
+        if self._forked:
+            return HandlerClosedError(
+                "the handler was opened by the parent of this forked process; a child "
+                "must open a BackgroundTaskHandler of its own"
+            )
+        return HandlerClosedError("the handler is closed")
+
+    def _hold_for_fork(self) -> None:
+        """Wait until no transaction runs on this worker's connections, and keep it so."""
+        self._held_for_fork = [
+            lock
+            for lock in (self._connection_lock, self._reader_lock)
+            if lock.acquire(timeout=FORK_WAIT)
+        ]
+
+    def _release_after_fork(self) -> None:
+        for lock in self._held_for_fork:
+            lock.release()
+        self._held_for_fork = []
+
+    def _close_in_forked_child(self) -> None:
+        """Close this copy in a forked child without touching what the parent owns."""
+        self._forked = self._closed = True
+        self._wakeup = threading.Condition(threading.Lock())  # the parent's may be held
+        self._connection_lock = threading.Lock()
+        self._reader_lock = threading.Lock()
+        self._held_for_fork = []
+        self._queue.clear()  # the parent's callers wait for these, not the child's
+        self._staged.clear()
 
     # -- callers' side -------------------------------------------------------------
 
     def _enqueue(self, item: _Queued[Any], *, first: bool = False) -> None:
         with self._wakeup:
             if self._closed:
-                raise HandlerClosedError("the handler is closed")
+                raise self._closed_error()
             if first:
                 item.urgent = True
                 self._queue.appendleft(item)
@@ -217,7 +293,7 @@ class CommitWorker:
     def _enqueue_all(self, items: list[_Queued[Any]]) -> None:
         with self._wakeup:
             if self._closed:
-                raise HandlerClosedError("the handler is closed")
+                raise self._closed_error()
             was_empty = not self._queue
             self._queue.extend(items)
             if was_empty:
@@ -248,7 +324,7 @@ class CommitWorker:
             return False
         try:
             if self._closed:
-                raise HandlerClosedError("the handler is closed")
+                raise self._closed_error()
             self._execute([item])
             return True
         finally:
@@ -266,7 +342,7 @@ class CommitWorker:
             return None
         try:
             if self._closed:
-                raise HandlerClosedError("the handler is closed")
+                raise self._closed_error()
             if self._reader is None:
                 try:
                     self._reader_pooled = self._engine.raw_connection()
@@ -365,7 +441,7 @@ class CommitWorker:
         waiter = _Waiter(loop=loop)
         if staged is None:
             if self._closed:
-                raise HandlerClosedError("the handler is closed")
+                raise self._closed_error()
             self._staged[loop] = staged = []
             loop.call_soon(self._hand_on_staged, loop)
         staged.append(_Queued(run, writes, relaxed, waiter=waiter))
@@ -443,6 +519,11 @@ class CommitWorker:
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed
+
+    @property
+    def forked(self) -> bool:
+        """Whether this is a forked child's copy of a parent's worker (closed)."""
+        return self._forked
 
     # -- the worker thread ---------------------------------------------------------
 

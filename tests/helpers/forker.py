@@ -1,0 +1,114 @@
+"""A process that forks while its handler is open, for tests/test_fork.py.
+
+Usage: forker.py exit DB | forker.py busy DB FORKS. Prints one JSON document.
+
+* ``exit``: the parent submits a task and forks; the child tries the parent's handler,
+  opens one of its own, closes the parent's copy and exits normally (``sys.exit``, so
+  ``atexit`` and the handler's finalizer run). Then the parent keeps working, and reports
+  its owner row and what another handler's ``recover_orphans`` settles.
+* ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
+  times; each child closes its copy and opens a handler of its own on the same file.
+  A child stuck on a lock its parent held at the fork is killed after 10 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sqlite3
+import sys
+import threading
+import time
+
+from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
+
+
+def child_uses_copy_then_own(handler: BackgroundTaskHandler, database: str, tag: str) -> str:
+    """In a forked child: what the parent's handler says, then a handler of its own."""
+    try:
+        handler.submit(f"copy-{tag}", "run")
+        said = "the copy wrote"
+    except BackgroundTaskError as exc:
+        said = str(exc)
+    with BackgroundTaskHandler(database=database) as own:
+        own.submit(f"child-{tag}", "run")
+        own.handle_error(f"child-{tag}", "finished (no orphan left behind)")
+    handler.close()
+    return said
+
+
+def exit_normally(database: str) -> None:
+    handler = BackgroundTaskHandler(database=database)
+    handler.submit("work", "run")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        said = child_uses_copy_then_own(handler, database, "0")
+        os.write(write_end, said.encode())
+        sys.exit(0)  # a normal exit: atexit and finalizers run
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_said = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    handler.submit("after", "run")
+    asyncio.run(handler.handle_result("work", {"done": True}, is_main_running=False))
+    with sqlite3.connect(database) as connection:
+        owner_open = connection.execute(
+            "SELECT closed_at IS NULL FROM owners WHERE pid = ?", (os.getpid(),)
+        ).fetchone()
+    handler.submit("still-running", "run")
+    with BackgroundTaskHandler(database=database) as other:
+        settled = asyncio.run(other.recover_orphans("fail"))
+    report = {
+        "child_status": os.waitstatus_to_exitcode(status),
+        "child_said": child_said,
+        "parent_owner_open": bool(owner_open and owner_open[0]),
+        "settled": [task.task_id for task in settled],
+        "work": handler.get_task("work").status.value,  # type: ignore[union-attr]
+    }
+    handler.close()
+    print(json.dumps(report))
+
+
+def fork_while_busy(database: str, forks: int) -> None:
+    handler = BackgroundTaskHandler(database=database)
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        index = 0
+        while not stop.is_set():
+            handler.submit(f"w{index}", "run")
+            index += 1
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    statuses = []
+    for number in range(forks):
+        time.sleep(0.002 * (number % 5))  # land the forks at varied points of a write
+        pid = os.fork()
+        if pid == 0:
+            child_uses_copy_then_own(handler, database, str(number))
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                done = os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
+        statuses.append(os.waitstatus_to_exitcode(done[1]))
+    stop.set()
+    writer.join()
+    written = len(handler.list_tasks())
+    handler.close()
+    print(json.dumps({"statuses": statuses, "parent_tasks": written}))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "exit":
+        exit_normally(sys.argv[2])
+    else:
+        fork_while_busy(sys.argv[2], int(sys.argv[3]))

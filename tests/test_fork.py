@@ -1,0 +1,44 @@
+"""A process forked while a handler is open: the child's copy is closed at once and
+touches nothing of the parent's (its connection, its owner row), the child opens a handler
+of its own, and the parent goes on. Real forks, in a fresh process (tests/helpers/forker.py)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from tests.conftest import run_helper
+
+
+def test_a_forked_child_that_exits_leaves_the_parents_handler_alone(db_path: Path) -> None:
+    report = json.loads(run_helper("forker.py", "exit", str(db_path)))
+    assert report["child_status"] == 0
+    assert "forked process" in report["child_said"]
+    assert "must open a BackgroundTaskHandler of its own" in report["child_said"]
+    # The child's normal exit did not close the parent's owner row, so the parent's
+    # running task was not taken for an orphan by another handler's recovery.
+    assert report["parent_owner_open"] is True
+    assert report["settled"] == []
+    assert report["work"] == "success"
+    with sqlite3.connect(db_path) as connection:
+        ids = {row[0] for row in connection.execute("SELECT task_id FROM background_tasks")}
+        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    assert {"work", "after", "still-running", "child-0"} <= ids
+    assert "copy-0" not in ids
+    assert integrity == "ok"
+
+
+def test_children_forked_while_the_parent_writes_never_hang_on_its_locks(
+    db_path: Path,
+) -> None:
+    forks = 20
+    report = json.loads(run_helper("forker.py", "busy", str(db_path), str(forks), timeout=240))
+    assert report["statuses"] == [0] * forks  # none killed after hanging
+    assert report["parent_tasks"] > 0
+    with sqlite3.connect(db_path) as connection:
+        ids = {row[0] for row in connection.execute("SELECT task_id FROM background_tasks")}
+        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    assert {f"child-{number}" for number in range(forks)} <= ids
+    assert not any(task_id.startswith("copy-") for task_id in ids)
+    assert integrity == "ok"
