@@ -329,3 +329,34 @@ def test_other_loop_classes_hand_on_at_the_end_of_the_turn(
         assert runner.run(worker.acall(partial(_log, "custom"))) == "custom"
     assert _committed(db_path) == ["custom"]
     assert len(hand_ons) == 1
+
+
+@pytest.mark.parametrize("where", ["in the operation", "right after BEGIN"])
+def test_a_keyboard_interrupt_inside_a_transaction_rolls_it_back(
+    worker: CommitWorker, db_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    # Ctrl-C lands inside a sync call's transaction (run inline, on the main thread): the
+    # write is undone and SQLite's write lock let go at once.
+    def interrupted(db: Db) -> None:
+        _log("half", db)
+        raise KeyboardInterrupt
+
+    if where == "right after BEGIN":
+        begin = Db.begin
+
+        def begin_then_interrupt(db: Db, sql: str) -> None:
+            begin(db, sql)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Db, "begin", begin_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        worker.call(interrupted if where == "in the operation" else partial(_log, "half"))
+    monkeypatch.undo()
+    other = sqlite3.connect(db_path, timeout=0)  # would fail at once on a held lock
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert worker.call(partial(_log, "next")) == "next"
+    assert _committed(db_path) == ["next"]

@@ -213,7 +213,8 @@ class CommitWorker:
     ) -> None:
         self._engine = engine
         self._synchronous = synchronous
-        self._level = synchronous  # the connection's PRAGMA synchronous right now
+        #: The connection's ``PRAGMA synchronous`` right now (None: not known).
+        self._level: str | None = synchronous
         self._translate = translate
         self._queue: deque[_Queued[Any]] = deque()
         self._wakeup = threading.Condition(threading.Lock())
@@ -606,11 +607,16 @@ class CommitWorker:
             # runs): a durable batch always commits at the handler's level.
             level = "NORMAL" if relax else self._synchronous
             if level != self._level:
+                self._level = None  # unknown until the switch has run
                 raw.execute(f"PRAGMA synchronous={level}")
                 self._level = level
             self._transaction(items, may_make_way=not relax)
-        except Exception as exc:
+        except BaseException as exc:
+            # Also a KeyboardInterrupt landing here on the main thread (an inline run):
+            # a transaction left open would hold SQLite's write lock until the next call.
             _end_transaction(raw)
+            if not isinstance(exc, Exception):
+                raise
             if len(items) == 1 or isinstance(exc, sqlite3.OperationalError):
                 # One operation failed alone, or the database itself did (locked, full,
                 # I/O, read-only): retrying one by one would only repeat the wait.
@@ -637,8 +643,8 @@ class CommitWorker:
                 async_left += 1
         may_make_way = may_make_way and writes
         async_ran = 0
-        self._db.begin("BEGIN IMMEDIATE" if writes else "BEGIN")
         try:
+            self._db.begin("BEGIN IMMEDIATE" if writes else "BEGIN")
             ran = 0
             while ran < len(items):
                 if (
