@@ -82,6 +82,26 @@ def test_push_needs_a_task(handler: BackgroundTaskHandler) -> None:
         handler.pending_queue.push("task")  # type: ignore[arg-type]
 
 
+async def test_push_takes_a_hand_built_task_holding_plain_strings(
+    handler: BackgroundTaskHandler, backend: str
+) -> None:
+    # "success" == RunNodeStatus.SUCCESS and "wakeup" == MergeMode.WAKEUP (StrEnums).
+    task = BackgroundTask("t", "run")
+    task.complete({"v": 1})
+    task.status, task.merge_mode = "success", "wakeup"  # type: ignore[assignment]
+    handler.pending_queue.push(task)
+    assert handler.pending_queue.size == 1
+    if backend == "sqlite":  # the in-memory queue, like the reference, holds anything
+        odd = BackgroundTask("u", "run")
+        odd.complete(2)
+        odd.merge_mode = "lukewarm"  # type: ignore[assignment]
+        with pytest.raises(BackgroundTaskError, match="lukewarm"):
+            handler.pending_queue.push(odd)
+        assert handler.pending_queue.size == 1
+    drained = [item async for item in handler.drain_pending()]
+    assert [(item.task_id, item.result) for item in drained] == [("t", {"v": 1})]
+
+
 UNSTORABLE = [
     object(),
     {1, 2},

@@ -330,11 +330,16 @@ class SqlStore:
         check_id(task.parent_task_id, "parent_task_id")
         if task.error is not None and not isinstance(task.error, str):
             raise InvalidValueError(f"cannot store the pushed task: error is {task.error!r}")
+        try:  # a task built by hand may hold the plain strings ("success", "wakeup")
+            status = RunNodeStatus(task.status)
+            merge_mode = None if task.merge_mode is None else MergeMode(task.merge_mode)
+        except ValueError as exc:
+            raise InvalidValueError(f"cannot store the pushed task: {exc}") from exc
         params = {
             "task_id": task.task_id,
             "parent_task_id": task.parent_task_id,
-            "status": task.status.value,
-            "merge_mode": task.merge_mode.value if task.merge_mode is not None else None,
+            "status": status.value,
+            "merge_mode": None if merge_mode is None else merge_mode.value,
             "payload": self._encode(task.payload, "payload"),
             "result": self._encode(task.result, "result") if task.is_complete else None,
             "error": None if task.error is None else self._storable_error(task.error),
