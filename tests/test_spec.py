@@ -268,6 +268,22 @@ async def test_drain_pending_yields_in_order_and_empties(handler: BackgroundTask
     assert [task async for task in handler.drain_pending()] == []
 
 
+async def test_results_arriving_during_a_drain_wait_for_the_next(
+    handler: BackgroundTaskHandler,
+) -> None:
+    for task_id in ("a", "b", "late"):
+        handler.submit(task_id, "main")
+    await handler.handle_result("a", 1, is_main_running=False)
+    await handler.handle_result("b", 2, is_main_running=False)
+    drained = []
+    async for task in handler.drain_pending():
+        drained.append(task.task_id)
+        if task.task_id == "a":
+            await handler.handle_result("late", 3, is_main_running=False)
+    assert drained == ["a", "b"]
+    assert [task.task_id async for task in handler.drain_pending()] == ["late"]
+
+
 async def test_drain_pending_empty(handler: BackgroundTaskHandler) -> None:
     assert [task async for task in handler.drain_pending()] == []
 
