@@ -29,6 +29,23 @@ def test_a_forked_child_that_exits_leaves_the_parents_handler_alone(db_path: Pat
     assert integrity == "ok"
 
 
+def test_a_childs_own_handler_keeps_its_writes_when_the_parent_closes_first(
+    db_path: Path,
+) -> None:
+    # Had the child's connection shared SQLite's per-process record of the file with the
+    # copies it inherited, the parent's close would have deleted the log the child was
+    # writing to: writes lost, the file corrupt.
+    report = json.loads(run_helper("forker.py", "parent-closes", str(db_path), timeout=120))
+    assert report["child_status"] == 0
+    with sqlite3.connect(db_path) as connection:
+        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+        child_rows = connection.execute(
+            "SELECT count(*) FROM background_tasks WHERE task_id LIKE 'child-%'"
+        ).fetchone()[0]
+    assert integrity == "ok"
+    assert child_rows == 1 + 1500  # "child-first" and every later write
+
+
 def test_children_forked_while_the_parent_writes_never_hang_on_its_locks(
     db_path: Path,
 ) -> None:

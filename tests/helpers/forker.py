@@ -1,11 +1,15 @@
 """A process that forks while its handler is open, for tests/test_fork.py.
 
-Usage: forker.py exit DB | forker.py busy DB FORKS. Prints one JSON document.
+Usage: forker.py exit DB | forker.py parent-closes DB | forker.py busy DB FORKS.
+Prints one JSON document.
 
 * ``exit``: the parent submits a task and forks; the child tries the parent's handler,
   opens one of its own, closes the parent's copy and exits normally (``sys.exit``, so
   ``atexit`` and the handler's finalizer run). Then the parent keeps working, and reports
   its owner row and what another handler's ``recover_orphans`` settles.
+* ``parent-closes``: the child opens a handler of its own; the parent then closes its
+  handler (the last one open as far as SQLite's locks in the parent show), and the child
+  goes on writing, past an automatic checkpoint, and reports what it wrote.
 * ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
   times; each child closes its copy and opens a handler of its own on the same file.
   A child stuck on a lock its parent held at the fork is killed after 10 s.
@@ -73,6 +77,33 @@ def exit_normally(database: str) -> None:
     print(json.dumps(report))
 
 
+def parent_closes_first(database: str) -> None:
+    handler = BackgroundTaskHandler(database=database)
+    handler.submit("parent", "run")
+    to_child_r, to_child_w = os.pipe()
+    to_parent_r, to_parent_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        own = BackgroundTaskHandler(database=database, synchronous="NORMAL")
+        own.submit("child-first", "run")
+        os.write(to_parent_w, b"opened")
+        os.read(to_child_r, 1)  # the parent has closed its handler
+        for index in range(CHILD_WRITES):
+            own.submit(f"child-{index}", "run", payload="x" * 300)
+        own.close()
+        os._exit(0)
+    os.read(to_parent_r, 6)
+    handler.handle_error("parent", "closing")
+    handler.close()
+    os.write(to_child_w, b"x")
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"child_status": os.waitstatus_to_exitcode(status)}))
+
+
+#: Enough ~300-byte submits to pass SQLite's automatic checkpoint (1,000 log pages).
+CHILD_WRITES = 1500
+
+
 def fork_while_busy(database: str, forks: int) -> None:
     handler = BackgroundTaskHandler(database=database)
     stop = threading.Event()
@@ -110,5 +141,7 @@ def fork_while_busy(database: str, forks: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "exit":
         exit_normally(sys.argv[2])
+    elif sys.argv[1] == "parent-closes":
+        parent_closes_first(sys.argv[2])
     else:
         fork_while_busy(sys.argv[2], int(sys.argv[3]))

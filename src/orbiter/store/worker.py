@@ -267,7 +267,15 @@ class CommitWorker:
         self._held_for_fork = []
 
     def _close_in_forked_child(self) -> None:
-        """Close this copy in a forked child without touching what the parent owns."""
+        """Close this copy in a forked child without touching what the parent owns.
+
+        Its connections are closed right away, in SQLite too: a connection the child
+        opens to the same file would otherwise share SQLite's per-process record of the
+        file with these copies, which claims locks the child does not hold (the parent
+        does), and the parent, closing last as far as the locks show, would delete the
+        log the child writes to. Closing them changes nothing on disk: the fork left no
+        transaction open, and the parent's lock keeps SQLite from checkpointing here.
+        """
         self._forked = self._closed = True
         self._wakeup = threading.Condition(threading.Lock())  # the parent's may be held
         self._connection_lock = threading.Lock()
@@ -275,6 +283,11 @@ class CommitWorker:
         self._held_for_fork = []
         self._queue.clear()  # the parent's callers wait for these, not the child's
         self._staged.clear()
+        for pooled in (self._pooled, self._reader_pooled):
+            if pooled is not None:
+                with contextlib.suppress(Exception):  # closed already (a closed handler)
+                    pooled.close()
+        self._reader_pooled = self._reader = None
 
     # -- callers' side -------------------------------------------------------------
 
