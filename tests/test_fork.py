@@ -59,3 +59,14 @@ def test_children_forked_while_the_parent_writes_never_hang_on_its_locks(
     assert {f"child-{number}" for number in range(forks)} <= ids
     assert not any(task_id.startswith("copy-") for task_id in ids)
     assert integrity == "ok"
+
+
+def test_a_child_forked_mid_transaction_is_refused_the_file(db_path: Path) -> None:
+    # The parent's submit waits for another process's lock longer than a fork waits: the
+    # child inherits SQLite's record of a transaction under way, so it may not open it.
+    report = json.loads(run_helper("forker.py", "blocked", str(db_path), timeout=120))
+    assert report["fork_seconds"] < 5  # the fork waited about 0.2 s, then went ahead
+    assert "forked while a handler of its parent was in the middle" in report["child_said"]
+    assert report["blocked_stored"] is True  # the parent's submit went on after the lock
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,6 +1,6 @@
 """A process that forks while its handler is open, for tests/test_fork.py.
 
-Usage: forker.py exit DB | forker.py parent-closes DB | forker.py busy DB FORKS.
+Usage: forker.py exit|parent-closes|blocked DB | forker.py busy DB FORKS.
 Prints one JSON document.
 
 * ``exit``: the parent submits a task and forks; the child tries the parent's handler,
@@ -10,6 +10,9 @@ Prints one JSON document.
 * ``parent-closes``: the child opens a handler of its own; the parent then closes its
   handler (the last one open as far as SQLite's locks in the parent show), and the child
   goes on writing, past an automatic checkpoint, and reports what it wrote.
+* ``blocked``: another process holds the write lock while a thread's ``submit`` waits
+  for it; the main thread forks (the fork's wait cut to 0.2 s). The child, which
+  inherited a connection in the middle of a transaction, must be refused the file.
 * ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
   times; each child closes its copy and opens a handler of its own on the same file.
   A child stuck on a lock its parent held at the fork is killed after 10 s.
@@ -22,6 +25,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -100,6 +104,61 @@ def parent_closes_first(database: str) -> None:
     print(json.dumps({"child_status": os.waitstatus_to_exitcode(status)}))
 
 
+#: Holds SQLite's write lock on the file argv[1] until its stdin closes.
+LOCKER = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()
+connection.execute("ROLLBACK")
+"""
+
+
+def fork_while_blocked(database: str) -> None:
+    from orbiter.store import worker as worker_module
+
+    handler = BackgroundTaskHandler(database=database)
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, database],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert locker.stdout is not None and locker.stdin is not None
+    locker.stdout.readline()
+    blocked = threading.Thread(target=handler.submit, args=("blocked", "run"))
+    blocked.start()
+    time.sleep(0.3)  # the submit now waits inside its transaction for the lock
+    worker_module.FORK_WAIT = 0.2
+    read_end, write_end = os.pipe()
+    started = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            BackgroundTaskHandler(database=database)
+            said = "opened"
+        except BackgroundTaskError as exc:
+            said = str(exc)
+        os.write(write_end, said.encode())
+        os._exit(0)
+    fork_seconds = time.monotonic() - started
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        child_said = pipe.read()
+    os.waitpid(pid, 0)
+    locker.stdin.close()
+    locker.wait()
+    blocked.join()
+    report = {
+        "fork_seconds": fork_seconds,
+        "child_said": child_said,
+        "blocked_stored": handler.get_task("blocked") is not None,
+    }
+    handler.close()
+    print(json.dumps(report))
+
+
 #: Enough ~300-byte submits to pass SQLite's automatic checkpoint (1,000 log pages).
 CHILD_WRITES = 1500
 
@@ -143,5 +202,7 @@ if __name__ == "__main__":
         exit_normally(sys.argv[2])
     elif sys.argv[1] == "parent-closes":
         parent_closes_first(sys.argv[2])
+    elif sys.argv[1] == "blocked":
+        fork_while_blocked(sys.argv[2])
     else:
         fork_while_busy(sys.argv[2], int(sys.argv[3]))

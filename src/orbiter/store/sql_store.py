@@ -64,7 +64,7 @@ from orbiter.store.owner import (
     record_heartbeat,
 )
 from orbiter.store.queries import TaskRow
-from orbiter.store.worker import CommitWorker, Operation
+from orbiter.store.worker import CommitWorker, Operation, refuse_if_unsafe_after_fork
 
 __all__ = ["SqlStore"]
 
@@ -134,6 +134,8 @@ class SqlStore:
         #: Task objects this handler has finished so far: a read that sees it move knows
         #: its rows may be older than an object it would update (see ``_task_from_row``).
         self._finished_count = 0
+        if target.path is not None:
+            refuse_if_unsafe_after_fork(str(target.path))
         existing = (
             target.path if target.path is not None and check_sqlite_file(target.path) else None
         )

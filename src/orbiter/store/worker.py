@@ -32,12 +32,13 @@ effect unknown.
 
 A process forked while a worker is open gets a copy of it without its thread and with
 its connection, which SQLite does not allow a child to use. So a fork first waits (up to
-``FORK_WAIT`` seconds) until no transaction runs on any open worker's connections: SQLite's
-own state, which the child inherits, is then at rest, and the child may open connections
-of its own to the same file. In the child every copied worker is closed at once, with
-nothing written: its calls raise :class:`HandlerClosedError` saying to open a new
-handler, and closing it (or the child exiting) leaves the parent's connection and owner
-row alone.
+``FORK_WAIT`` seconds for all workers together) until no transaction runs on any open
+worker's connections: SQLite's own state, which the child inherits, is then at rest. In
+the child every copied worker is closed at once, its connections too, with nothing
+written: its calls raise :class:`HandlerClosedError` saying to open a new handler, its
+closing (or the child's exit) leaves the parent's owner row alone, and the child may open
+connections of its own to the same file. (A file whose transaction was still under way
+at the fork is refused in the child: see :func:`refuse_if_unsafe_after_fork`.)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -57,7 +59,7 @@ from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 
-from orbiter.errors import BackgroundTaskError, HandlerClosedError
+from orbiter.errors import BackgroundTaskError, DatabaseError, HandlerClosedError
 from orbiter.store import CommittedThenCancelled
 from orbiter.store.executor import Db
 
@@ -96,9 +98,15 @@ _OPEN_WORKERS: weakref.WeakSet[CommitWorker] = weakref.WeakSet()
 FORK_WAIT = 5.0
 
 
+#: Files whose connections a forked child inherited in the middle of a transaction (the
+#: fork did not wait longer): see :func:`refuse_if_unsafe_after_fork`.
+_UNSAFE_IN_CHILD: set[str] = set()
+
+
 def _before_fork() -> None:
+    deadline = time.monotonic() + FORK_WAIT  # for all workers together
     for worker in list(_OPEN_WORKERS):
-        worker._hold_for_fork()  # pyright: ignore[reportPrivateUsage]
+        worker._hold_for_fork(deadline)  # pyright: ignore[reportPrivateUsage]
 
 
 def _after_fork_in_parent() -> None:
@@ -111,6 +119,24 @@ def _after_fork_in_child() -> None:
     _START_LOCK = threading.Lock()
     for worker in list(_OPEN_WORKERS):
         worker._close_in_forked_child()  # pyright: ignore[reportPrivateUsage]
+
+
+def refuse_if_unsafe_after_fork(path: str) -> None:
+    """Refuse to open ``path`` in a forked child that inherited a connection to it in the
+    middle of a transaction (the parent's handler waited longer than ``FORK_WAIT`` for
+    another process's lock): SQLite's copied record of the file, which a new connection
+    would share, shows that transaction's locks, so no connection here can be made safe.
+
+    Raises:
+        DatabaseError: naming the file and what to do instead.
+    """
+    if path in _UNSAFE_IN_CHILD:
+        raise DatabaseError(
+            f"{path}: this process was forked while a handler of its parent was in the "
+            "middle of a transaction on this file, so SQLite cannot safely open it here; "
+            "start the process with the 'spawn' method (or fork when no write is waiting "
+            "for another process's lock)"
+        )
 
 
 os.register_at_fork(
@@ -253,12 +279,13 @@ class CommitWorker:
             )
         return HandlerClosedError("the handler is closed")
 
-    def _hold_for_fork(self) -> None:
-        """Wait until no transaction runs on this worker's connections, and keep it so."""
+    def _hold_for_fork(self, deadline: float) -> None:
+        """Wait (until ``deadline``, a ``time.monotonic()``) until no transaction runs on
+        this worker's connections, and keep it so until the fork is done."""
         self._held_for_fork = [
             lock
             for lock in (self._connection_lock, self._reader_lock)
-            if lock.acquire(timeout=FORK_WAIT)
+            if lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
         ]
 
     def _release_after_fork(self) -> None:
@@ -275,7 +302,11 @@ class CommitWorker:
         does), and the parent, closing last as far as the locks show, would delete the
         log the child writes to. Closing them changes nothing on disk: the fork left no
         transaction open, and the parent's lock keeps SQLite from checkpointing here.
+        Had a transaction been under way (the fork stopped waiting after ``FORK_WAIT``),
+        closing would roll it back in the log index the parent shares; the copies are
+        then left alone and the file refused in this process instead.
         """
+        at_rest = len(self._held_for_fork) == 2  # no transaction ran during the fork
         self._forked = self._closed = True
         self._wakeup = threading.Condition(threading.Lock())  # the parent's may be held
         self._connection_lock = threading.Lock()
@@ -283,6 +314,9 @@ class CommitWorker:
         self._held_for_fork = []
         self._queue.clear()  # the parent's callers wait for these, not the child's
         self._staged.clear()
+        if not at_rest:  # closing would roll back in the log index the parent shares
+            _UNSAFE_IN_CHILD.add(str(self._engine.url.database))
+            return
         for pooled in (self._pooled, self._reader_pooled):
             if pooled is not None:
                 with contextlib.suppress(Exception):  # closed already (a closed handler)
