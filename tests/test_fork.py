@@ -70,3 +70,8 @@ def test_a_child_forked_mid_transaction_is_refused_the_file(db_path: Path) -> No
     assert report["blocked_stored"] is True  # the parent's submit went on after the lock
     with sqlite3.connect(db_path) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_threads_forking_at_once_each_let_go_of_what_they_took(db_path: Path) -> None:
+    report = json.loads(run_helper("forker.py", "threads", str(db_path), timeout=120))
+    assert report == {"slow_forks": [], "wrote_after": True}

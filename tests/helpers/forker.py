@@ -1,6 +1,6 @@
 """A process that forks while its handler is open, for tests/test_fork.py.
 
-Usage: forker.py exit|parent-closes|blocked DB | forker.py busy DB FORKS.
+Usage: forker.py exit|parent-closes|blocked|threads DB | forker.py busy DB FORKS.
 Prints one JSON document.
 
 * ``exit``: the parent submits a task and forks; the child tries the parent's handler,
@@ -13,6 +13,8 @@ Prints one JSON document.
 * ``blocked``: another process holds the write lock while a thread's ``submit`` waits
   for it; the main thread forks (the fork's wait cut to 0.2 s). The child, which
   inherited a connection in the middle of a transaction, must be refused the file.
+* ``threads``: 4 threads fork 100 times each at once, switching threads as often as
+  Python can; then the handler must still write (no lock left held by a fork).
 * ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
   times; each child closes its copy and opens a handler of its own on the same file.
   A child stuck on a lock its parent held at the fork is killed after 10 s.
@@ -159,6 +161,38 @@ def fork_while_blocked(database: str) -> None:
     print(json.dumps(report))
 
 
+def fork_from_threads(database: str) -> None:
+    handler = BackgroundTaskHandler(database=database)
+    slow: list[float] = []
+
+    def fork_some() -> None:
+        for _ in range(100):
+            started = time.monotonic()
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            if (took := time.monotonic() - started) > 1:
+                slow.append(took)
+            os.waitpid(pid, 0)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    threads = [threading.Thread(target=fork_some) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sys.setswitchinterval(old_interval)
+    written: list[bool] = []
+    after = threading.Thread(
+        target=lambda: written.append(handler.submit("after", "run") is not None), daemon=True
+    )
+    after.start()
+    after.join(10)
+    print(json.dumps({"slow_forks": slow, "wrote_after": written == [True]}))
+    os._exit(0)  # a write that never returned would keep a normal exit waiting
+
+
 #: Enough ~300-byte submits to pass SQLite's automatic checkpoint (1,000 log pages).
 CHILD_WRITES = 1500
 
@@ -204,5 +238,7 @@ if __name__ == "__main__":
         parent_closes_first(sys.argv[2])
     elif sys.argv[1] == "blocked":
         fork_while_blocked(sys.argv[2])
+    elif sys.argv[1] == "threads":
+        fork_from_threads(sys.argv[2])
     else:
         fork_while_busy(sys.argv[2], int(sys.argv[3]))

@@ -103,22 +103,38 @@ FORK_WAIT = 5.0
 _UNSAFE_IN_CHILD: set[str] = set()
 
 
+#: The thread that is forking: the locks it took, by worker (several threads may fork at
+#: once; each releases only what it took).
+_forking = threading.local()
+
+
 def _before_fork() -> None:
     deadline = time.monotonic() + FORK_WAIT  # for all workers together
-    for worker in list(_OPEN_WORKERS):
-        worker._hold_for_fork(deadline)  # pyright: ignore[reportPrivateUsage]
+    # One order for every forking thread, so two that fork at once cannot each hold a
+    # lock the other waits for.
+    workers = sorted(_OPEN_WORKERS, key=id)
+    _forking.held = {worker: worker._hold_for_fork(deadline) for worker in workers}  # pyright: ignore[reportPrivateUsage]
+
+
+def _taken_by_this_fork() -> dict[CommitWorker, list[threading.Lock]]:
+    held: dict[CommitWorker, list[threading.Lock]] = getattr(_forking, "held", {})
+    _forking.held = {}
+    return held
 
 
 def _after_fork_in_parent() -> None:
-    for worker in list(_OPEN_WORKERS):
-        worker._release_after_fork()  # pyright: ignore[reportPrivateUsage]
+    for locks in _taken_by_this_fork().values():
+        for lock in locks:
+            lock.release()
 
 
 def _after_fork_in_child() -> None:
     global _START_LOCK  # noqa: PLW0603 - the parent's may be held, and never let go here
     _START_LOCK = threading.Lock()
+    held = _taken_by_this_fork()
     for worker in list(_OPEN_WORKERS):
-        worker._close_in_forked_child()  # pyright: ignore[reportPrivateUsage]
+        at_rest = len(held.get(worker, ())) == 2  # no transaction ran on it at the fork
+        worker._close_in_forked_child(at_rest=at_rest)  # pyright: ignore[reportPrivateUsage]
 
 
 def refuse_if_unsafe_after_fork(path: str) -> None:
@@ -247,7 +263,6 @@ class CommitWorker:
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
         self._forked = False  # this is a forked child's copy (see the module docstring)
-        self._held_for_fork: list[threading.Lock] = []  # taken while the process forks
         #: Durable async writes made during the current turn of each event loop, handed
         #: on together at the end of the turn (see ``acall``).
         self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
@@ -279,21 +294,16 @@ class CommitWorker:
             )
         return HandlerClosedError("the handler is closed")
 
-    def _hold_for_fork(self, deadline: float) -> None:
+    def _hold_for_fork(self, deadline: float) -> list[threading.Lock]:
         """Wait (until ``deadline``, a ``time.monotonic()``) until no transaction runs on
-        this worker's connections, and keep it so until the fork is done."""
-        self._held_for_fork = [
+        this worker's connections; return the locks taken, which keep it so."""
+        return [
             lock
             for lock in (self._connection_lock, self._reader_lock)
             if lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
         ]
 
-    def _release_after_fork(self) -> None:
-        for lock in self._held_for_fork:
-            lock.release()
-        self._held_for_fork = []
-
-    def _close_in_forked_child(self) -> None:
+    def _close_in_forked_child(self, *, at_rest: bool) -> None:
         """Close this copy in a forked child without touching what the parent owns.
 
         Its connections are closed right away, in SQLite too: a connection the child
@@ -306,12 +316,10 @@ class CommitWorker:
         closing would roll it back in the log index the parent shares; the copies are
         then left alone and the file refused in this process instead.
         """
-        at_rest = len(self._held_for_fork) == 2  # no transaction ran during the fork
         self._forked = self._closed = True
         self._wakeup = threading.Condition(threading.Lock())  # the parent's may be held
         self._connection_lock = threading.Lock()
         self._reader_lock = threading.Lock()
-        self._held_for_fork = []
         self._queue.clear()  # the parent's callers wait for these, not the child's
         self._staged.clear()
         if not at_rest:  # closing would roll back in the log index the parent shares
