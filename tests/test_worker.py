@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 from orbiter.errors import DatabaseError
 from orbiter.store.engine import create_sync_engine, resolve_database
 from orbiter.store.executor import Db
-from orbiter.store.worker import MAKE_WAY_AFTER, CommitWorker
+from orbiter.store.worker import MAKE_WAY_AFTER, CommitWorker, _Queued
 
 WAIT = 10.0  # seconds a test waits for another thread before it fails
 
@@ -360,3 +361,19 @@ def test_a_keyboard_interrupt_inside_a_transaction_rolls_it_back(
         other.close()
     assert worker.call(partial(_log, "next")) == "next"
     assert _committed(db_path) == ["next"]
+
+
+def test_a_call_after_an_enqueue_cut_short_before_its_notify_still_runs(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    # A KeyboardInterrupt between an enqueue's append and its notify leaves an operation
+    # queued with the worker asleep; the next call must wake it rather than queue behind.
+    with worker._wakeup:  # what the interrupted caller managed to do
+        worker._queue.append(_Queued(partial(_log, "orphaned"), True, False, future=Future()))
+    done: list[str] = []
+    caller = threading.Thread(target=lambda: done.append(worker.call(partial(_log, "next"))))
+    caller.start()
+    caller.join(WAIT)
+    assert done == ["next"]
+    _wait_until(lambda: "orphaned" in _committed(db_path), "the queued operation to run")
+    assert sorted(_committed(db_path)) == ["next", "orphaned"]

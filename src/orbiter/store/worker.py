@@ -343,17 +343,17 @@ class CommitWorker:
                 self._threads_queued += 1
             else:
                 self._queue.append(item)
-            if len(self._queue) == 1:
-                self._wakeup.notify()
+            # Every time, not only when the queue was empty: a KeyboardInterrupt between
+            # an earlier caller's append and its notify must not leave the worker asleep
+            # with work queued (every later call would wait behind it).
+            self._wakeup.notify()
 
     def _enqueue_all(self, items: list[_Queued[Any]]) -> None:
         with self._wakeup:
             if self._closed:
                 raise self._closed_error()
-            was_empty = not self._queue
             self._queue.extend(items)
-            if was_empty:
-                self._wakeup.notify()
+            self._wakeup.notify()  # every time, as in _enqueue
 
     def submit(
         self, run: Operation[T], *, writes: bool = True, relaxed: bool = False, urgent: bool = True
