@@ -375,16 +375,18 @@ class CommitWorker:
         """Run ``item`` on the calling thread when the connection is idle (no hand-off).
 
         Returns False when the worker is busy or has work queued; the caller then queues.
+        The lock is taken by a ``with``, which a KeyboardInterrupt cannot split from its
+        release (an ``acquire`` followed by ``try`` can be, leaving it held for good); in
+        the rare case another thread takes it between the look and the ``with``, this
+        call waits for that transaction and then runs.
         """
-        if self._queue or not self._connection_lock.acquire(blocking=False):
+        if self._queue or self._connection_lock.locked():
             return False
-        try:
+        with self._connection_lock:
             if self._closed:
                 raise self._closed_error()
             self._execute([item])
             return True
-        finally:
-            self._connection_lock.release()
 
     def _read_aside(self, run: Operation[T]) -> _Queued[T] | None:
         """Run the read ``run`` on a second connection while the main one is busy.
