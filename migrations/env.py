@@ -18,11 +18,10 @@ from sqlalchemy.pool import NullPool
 from orbiter.migrate import check_foreign_keys
 from orbiter.store.engine import (
     ENV_VAR,
-    check_sqlite_file,
     configure_sqlite_engine,
-    create_private_file,
     enable_wal,
     guarded_open,
+    ready_file,
     resolve_database,
     run_pragma,
 )
@@ -61,10 +60,7 @@ async def run_async_migrations() -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
     target = resolve_database(_database_from_env())
-    existing = target.path if target.path is not None and check_sqlite_file(target.path) else None
-    if target.path is not None and existing is None and not target.path.exists():
-        create_private_file(target.path)
-    with guarded_open(existing, target.describe()):
+    with guarded_open(ready_file(target), target.describe()):
         pass  # a damaged file is refused, as a handler refuses it, and left as it was
     engine = create_async_engine(target.async_url, poolclass=NullPool)
     configure_sqlite_engine(engine.sync_engine)

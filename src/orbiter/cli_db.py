@@ -27,12 +27,12 @@ from orbiter.store.codec import TIMESTAMP_FORMAT
 from orbiter.store.engine import (
     ENV_VAR,
     DatabaseTarget,
-    check_sqlite_file,
     create_sync_engine,
     guarded_open,
     has_log_files,
     is_writable,
     read_only_uri,
+    ready_file,
     refuse_damaged_pages,
     remove_empty_log,
     resolve_database,
@@ -258,10 +258,10 @@ def open_for_writing(target: DatabaseTarget) -> Iterator[Connection]:
 
     Callers wrap their work in ``with connection.begin():`` (``BEGIN IMMEDIATE``).
     """
-    path = check_existing_file(target)
-    check_sqlite_file(path)  # read-only file or directory: a clear DatabaseError
-    with guarded_open(path, target.describe()):
-        pass  # a damaged file is refused, as a handler refuses it, and left as it was
+    check_existing_file(target)
+    # Read-only, not SQLite or damaged: refused as a handler refuses it, left as it was.
+    with guarded_open(ready_file(target), target.describe()):
+        pass
     engine = create_sync_engine(target, busy_timeout=BUSY_TIMEOUT)
     try:
         with engine.connect() as connection:

@@ -18,11 +18,10 @@ from sqlalchemy import Connection, text
 
 from orbiter.errors import SchemaError
 from orbiter.store.engine import (
-    check_sqlite_file,
-    create_private_file,
     create_sync_engine,
     enable_wal,
     guarded_open,
+    ready_file,
     resolve_database,
     run_pragma,
 )
@@ -198,10 +197,7 @@ def _connect(database: str) -> Iterator[tuple[str, Connection]]:
     """A connection to ``database`` (path or URL), checked first: a new file is created
     readable only by its owner, a file that cannot be ours raises ``DatabaseError``."""
     target = resolve_database(database)
-    existing = target.path if target.path is not None and check_sqlite_file(target.path) else None
-    if target.path is not None and existing is None:
-        create_private_file(target.path)
-    with guarded_open(existing, target.describe()):
+    with guarded_open(ready_file(target), target.describe()):
         pass  # a damaged file is refused, as a handler refuses it, and left as it was
     engine = create_sync_engine(target)
     try:

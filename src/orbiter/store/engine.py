@@ -35,6 +35,7 @@ __all__ = [
     "guarded_open",
     "has_log_files",
     "is_writable",
+    "ready_file",
     "refuse_damaged_pages",
     "remove_empty_log",
     "resolve_database",
@@ -160,6 +161,18 @@ def create_private_file(path: Path) -> None:
     except FileExistsError:
         return  # another process created it just now
     os.close(fd)
+
+
+def ready_file(target: DatabaseTarget) -> Path | None:
+    """Check that ``target``'s file can hold our database (see :func:`check_sqlite_file`)
+    and create it, readable only by its owner, if it is new; return its path if it
+    already had content (to open under :func:`guarded_open`), else None."""
+    if target.path is None:
+        return None
+    if check_sqlite_file(target.path):
+        return target.path
+    create_private_file(target.path)
+    return None
 
 
 def is_writable(path: Path) -> bool:

@@ -47,10 +47,9 @@ from orbiter.store.codec import (
 from orbiter.store.engine import (
     DatabaseTarget,
     Synchronous,
-    check_sqlite_file,
-    create_private_file,
     create_sync_engine,
     guarded_open,
+    ready_file,
 )
 from orbiter.store.executor import Db
 from orbiter.store.finish import Finish
@@ -136,11 +135,7 @@ class SqlStore:
         self._finished_count = 0
         if target.path is not None:
             refuse_if_unsafe_after_fork(str(target.path))
-        existing = (
-            target.path if target.path is not None and check_sqlite_file(target.path) else None
-        )
-        if target.path is not None and existing is None:
-            create_private_file(target.path)
+        existing = ready_file(target)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
         try:
             # The connection closes inside the guard, so a refused file is left as it was.
