@@ -93,8 +93,8 @@ _START_LOCK = threading.Lock()
 #: Workers not yet collected, for the fork hooks below.
 _OPEN_WORKERS: weakref.WeakSet[CommitWorker] = weakref.WeakSet()
 
-#: Seconds a fork waits for a worker's transaction under way (a commit, or a wait for
-#: another process's lock) before it goes ahead anyway.
+#: Seconds a fork waits, for all workers together, for transactions under way (a commit,
+#: or a wait for another process's lock) before it goes ahead anyway.
 FORK_WAIT = 5.0
 
 
