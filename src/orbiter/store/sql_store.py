@@ -511,7 +511,9 @@ class SqlStore:
 
     def close(self) -> None:
         self._finalizer()  # runs the shutdown once; a concurrent closer waits for it
-        if not self._worker.on_commit_thread:
+        # Look before waiting: an Event's wait is Python code around a lock, which a
+        # KeyboardInterrupt could leave held (so every later close() would hang).
+        if not self._shut.is_set() and not self._worker.on_commit_thread:
             self._shut.wait()
 
     async def aclose(self) -> None:

@@ -47,6 +47,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import sqlite3
 import threading
 import time
@@ -195,6 +196,49 @@ class _Waiter(asyncio.Future[Any]):
             _here.deciding = False
 
 
+class _Answer(Generic[T]):
+    """A blocked thread's answer, waited for on a bare lock that the commit thread lets
+    go once the answer is in.
+
+    Not a ``concurrent.futures.Future``: its ``result()`` waits inside a
+    ``threading.Condition``, Python code in which a KeyboardInterrupt can land with the
+    condition's lock taken and never let go; the commit thread, answering, would then
+    wait for that lock for good, and every later call with it. A bare lock's
+    ``acquire`` either takes the lock or raises, and ``with`` lets it go.
+    """
+
+    __slots__ = ("_outcome", "_ready")
+
+    def __init__(self) -> None:
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._ready = threading.Lock()
+        self._ready.acquire()  # let go when answered
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """Always True: a blocked thread's call is never withdrawn."""
+        return True
+
+    def running(self) -> bool:
+        """Always True: the caller waits until it is answered."""
+        return True
+
+    def set_result(self, value: T) -> None:
+        self._outcome = (True, value)
+        self._ready.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self._outcome = (False, error)
+        self._ready.release()
+
+    def result(self) -> T:
+        """Wait for the answer; return the operation's value or raise its error."""
+        with self._ready:
+            ok, value = self._outcome
+        if not ok:
+            raise value
+        return value  # type: ignore[no-any-return]
+
+
 @dataclass(slots=True, eq=False)
 class _Queued(Generic[T]):
     """One operation and whoever waits for it: a thread (``future``) or a coroutine
@@ -203,10 +247,9 @@ class _Queued(Generic[T]):
     run: Operation[T]
     writes: bool
     relaxed: bool
-    future: Future[T] | None = None
+    future: Future[T] | _Answer[T] | None = None
     waiter: _Waiter | None = None
     outcome: tuple[bool, Any] = (False, None)
-    urgent: bool = False  # a blocked thread's, queued at the front
 
     def wanted(self) -> bool:
         """False if the caller gave up (cancelled) before the batch took the operation.
@@ -258,8 +301,14 @@ class CommitWorker:
         #: The connection's ``PRAGMA synchronous`` right now (None: not known).
         self._level: str | None = synchronous
         self._translate = translate
-        self._queue: deque[_Queued[Any]] = deque()
-        self._wakeup = threading.Condition(threading.Lock())
+        # The queues and ``_closed`` are guarded by ``_lock``, taken only by ``with`` on a
+        # bare lock, and the worker sleeps on ``_signals``: both are C code, which a
+        # KeyboardInterrupt cannot leave half done (a ``threading.Condition``'s methods
+        # are Python code, and one landing inside them left its lock held for good).
+        self._lock = threading.Lock()
+        self._urgent: deque[_Queued[Any]] = deque()  # blocked threads' operations, first
+        self._queue: deque[_Queued[Any]] = deque()  # async operations, in call order
+        self._signals: queue.SimpleQueue[None] = queue.SimpleQueue()  # one per enqueue
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
         self._forked = False  # this is a forked child's copy (see the module docstring)
@@ -267,7 +316,6 @@ class CommitWorker:
         #: on together at the end of the turn (see ``acall``).
         self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
         self._async_writes = 0  # durable async writes between their call and their return
-        self._threads_queued = 0  # queued operations a blocked thread waits for
         #: Async operations were passed over (a threads-only batch, or sent back by
         #: _make_way): the next batch takes them too, after the threads'.
         self._async_owed = False
@@ -317,10 +365,12 @@ class CommitWorker:
         then left alone and the file refused in this process instead.
         """
         self._forked = self._closed = True
-        self._wakeup = threading.Condition(threading.Lock())  # the parent's may be held
+        self._lock = threading.Lock()  # the parent's may be held
+        self._signals = queue.SimpleQueue()
         self._connection_lock = threading.Lock()
         self._reader_lock = threading.Lock()
-        self._queue.clear()  # the parent's callers wait for these, not the child's
+        self._urgent.clear()  # the parent's callers wait for these, not the child's
+        self._queue.clear()
         self._staged.clear()
         if not at_rest:  # closing would roll back in the log index the parent shares
             _UNSAFE_IN_CHILD.add(str(self._engine.url.database))
@@ -334,26 +384,21 @@ class CommitWorker:
     # -- callers' side -------------------------------------------------------------
 
     def _enqueue(self, item: _Queued[Any], *, first: bool = False) -> None:
-        with self._wakeup:
+        with self._lock:
             if self._closed:
                 raise self._closed_error()
-            if first:
-                item.urgent = True
-                self._queue.appendleft(item)
-                self._threads_queued += 1
-            else:
-                self._queue.append(item)
-            # Every time, not only when the queue was empty: a KeyboardInterrupt between
-            # an earlier caller's append and its notify must not leave the worker asleep
-            # with work queued (every later call would wait behind it).
-            self._wakeup.notify()
+            (self._urgent if first else self._queue).append(item)
+            # A signal for every enqueue, not only into an empty queue: a KeyboardInterrupt
+            # between an earlier caller's append and its signal must not leave the worker
+            # asleep with work queued (every later call would wait behind it).
+            self._signals.put(None)
 
     def _enqueue_all(self, items: list[_Queued[Any]]) -> None:
-        with self._wakeup:
+        with self._lock:
             if self._closed:
                 raise self._closed_error()
             self._queue.extend(items)
-            self._wakeup.notify()  # every time, as in _enqueue
+            self._signals.put(None)
 
     def submit(
         self, run: Operation[T], *, writes: bool = True, relaxed: bool = False, urgent: bool = True
@@ -366,10 +411,9 @@ class CommitWorker:
         blocked thread's, perhaps the event loop's) goes first: it joins the running or
         very next batch instead of waiting behind queued async writes.
         """
-        item: _Queued[T] = _Queued(run, writes, relaxed, future=Future())
-        self._enqueue(item, first=urgent)
-        assert item.future is not None
-        return item.future
+        future: Future[T] = Future()
+        self._enqueue(_Queued(run, writes, relaxed, future=future), first=urgent)
+        return future
 
     def _run_inline(self, item: _Queued[T]) -> bool:
         """Run ``item`` on the calling thread when the connection is idle (no hand-off).
@@ -380,7 +424,7 @@ class CommitWorker:
         the rare case another thread takes it between the look and the ``with``, this
         call waits for that transaction and then runs.
         """
-        if self._queue or self._connection_lock.locked():
+        if self._urgent or self._queue or self._connection_lock.locked():
             return False
         with self._connection_lock:
             if self._closed:
@@ -394,11 +438,12 @@ class CommitWorker:
         In WAL mode a reader does not wait for the writer: a ``get_task`` made while a
         batch of writes is committing answers at once, from the last committed state
         (which holds every call that has returned). Returns None when the second
-        connection is itself busy; the caller then queues.
+        connection is itself busy; the caller then queues. (The lock is taken by a
+        ``with``, as in :meth:`_run_inline`.)
         """
-        if not self._reader_lock.acquire(blocking=False):
+        if self._reader_lock.locked():
             return None
-        try:
+        with self._reader_lock:
             if self._closed:
                 raise self._closed_error()
             if self._reader is None:
@@ -409,6 +454,7 @@ class CommitWorker:
                 self._reader = Db(self._reader_pooled.driver_connection)
             item: _Queued[T] = _Queued(run, False, False)
             raw = self._reader.raw
+            _end_transaction(raw)  # one a KeyboardInterrupt kept the last read from ending
             try:
                 self._reader.begin("BEGIN")
                 item.outcome = (True, run(self._reader))
@@ -419,8 +465,6 @@ class CommitWorker:
             finally:
                 _end_transaction(raw)  # a read has nothing to commit
             return item
-        finally:
-            self._reader_lock.release()
 
     def _close_reader(self) -> None:
         with self._reader_lock:
@@ -448,7 +492,9 @@ class CommitWorker:
         done = self._run_now(run, writes, relaxed)
         if done is not None:
             return _result(done)
-        return self.submit(run, writes=writes, relaxed=relaxed).result()
+        answer: _Answer[T] = _Answer()
+        self._enqueue(_Queued(run, writes, relaxed, future=answer), first=True)
+        return answer.result()
 
     async def acall(
         self,
@@ -561,10 +607,11 @@ class CommitWorker:
     def close(self) -> None:
         """Finish what is queued, then close the connection and stop the thread (also
         when another thread is closing it already)."""
-        with self._wakeup:
-            if not self._closed:
-                self._closed = True
-                self._wakeup.notify()
+        with self._lock:
+            self._closed = True
+        # Every time: a close cut short by a KeyboardInterrupt before its signal must not
+        # leave the next one waiting for a worker that sleeps.
+        self._signals.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -586,14 +633,23 @@ class CommitWorker:
     # -- the worker thread ---------------------------------------------------------
 
     def _run(self) -> None:
+        signals = self._signals
         try:
             while True:
-                with self._wakeup:
-                    while not self._queue and not self._closed:
-                        self._wakeup.wait()
-                    if not self._queue:
+                # Signals first, then the queues: an operation queued after the look
+                # below signals after it, so the wait below cannot miss it.
+                while not signals.empty():
+                    signals.get_nowait()
+                with self._lock:
+                    if self._urgent or self._queue:
+                        batch = self._take_batch()
+                    elif self._closed:
                         return
-                    batch = self._take_batch()
+                    else:
+                        batch = None
+                if batch is None:
+                    signals.get()
+                    continue
                 with self._connection_lock:
                     done = self._execute(batch)
                 _deliver(done)
@@ -605,24 +661,16 @@ class CommitWorker:
                 self._engine.dispose()
 
     def _take_batch(self) -> list[_Queued[Any]]:
-        """The next batch (called holding ``_wakeup``): blocked threads' operations alone
-        if any wait at the front, so a sync call never waits for queued async writes;
-        otherwise, or when async operations were passed over last time, everything
-        queued (threads' first), up to ``MAX_BATCH``."""
-        queue = self._queue
-        if self._threads_queued and not self._async_owed:
-            batch: list[_Queued[Any]] = []
-            while queue and queue[0].urgent and len(batch) < MAX_BATCH:
-                batch.append(queue.popleft())
-            if batch:
-                self._threads_queued -= len(batch)
-                self._async_owed = bool(queue)
-                return batch
+        """The next batch (called holding ``_lock``): blocked threads' operations alone
+        if any wait, so a sync call never waits for queued async writes; otherwise, or
+        when async operations were passed over last time, everything queued (threads'
+        first), up to ``MAX_BATCH``."""
+        batch = _take(self._urgent, MAX_BATCH)
+        if batch and not self._async_owed:
+            self._async_owed = bool(self._queue)
+            return batch
         self._async_owed = False
-        count = min(len(queue), MAX_BATCH)
-        batch = [queue.popleft() for _ in range(count)]
-        self._threads_queued -= sum(1 for item in batch if item.urgent)
-        return batch
+        return batch + _take(self._queue, MAX_BATCH - len(batch))
 
     def _make_way(self, items: list[_Queued[Any]], ran: int) -> bool:
         """Let blocked threads into the running transaction (called between operations).
@@ -631,8 +679,8 @@ class CommitWorker:
         queue for the next batch, and the threads' operations take their place, so a sync
         call waits for one commit, not for the rest of a large batch of async writes.
         """
-        with self._wakeup:
-            joining = self._take_batch() if self._threads_queued else []
+        with self._lock:
+            joining = self._take_batch() if self._urgent else []
             if not joining:
                 return False
             waiting = items[ran:]
@@ -659,6 +707,7 @@ class CommitWorker:
     def _run_batch(self, items: list[_Queued[Any]]) -> None:
         relax = self._synchronous == "FULL" and all(item.relaxed for item in items)
         raw = self._db.raw
+        _end_transaction(raw)  # one a KeyboardInterrupt kept the last run from ending
         try:
             # Switch the level only when it changes (a drain's acknowledgements come in
             # runs): a durable batch always commits at the handler's level.
@@ -706,7 +755,7 @@ class CommitWorker:
             while ran < len(items):
                 if (
                     may_make_way
-                    and self._threads_queued
+                    and self._urgent
                     and (async_ran >= MAKE_WAY_AFTER or (ran and not async_left))
                     and self._make_way(items, ran)
                 ):
@@ -777,6 +826,11 @@ def _alone_in_turn(loop: asyncio.AbstractEventLoop) -> bool:
         return False
     task = asyncio.current_task(loop)
     return task is not None and not task.cancelling()
+
+
+def _take(items: deque[_Queued[Any]], most: int) -> list[_Queued[Any]]:
+    """Remove and return the first ``most`` of ``items`` (all if fewer)."""
+    return [items.popleft() for _ in range(min(most, len(items)))]
 
 
 def _together_of(item: _Queued[Any]) -> Together | None:
