@@ -1,6 +1,7 @@
 """A process that forks while its handler is open, for tests/test_fork.py.
 
-Usage: forker.py exit|parent-closes|blocked|threads DB | forker.py busy DB FORKS.
+Usage: forker.py exit|parent-closes|blocked|blocked-open|threads DB
+       forker.py busy|opening DB FORKS
 Prints one JSON document.
 
 * ``exit``: the parent submits a task and forks; the child tries the parent's handler,
@@ -13,11 +14,16 @@ Prints one JSON document.
 * ``blocked``: another process holds the write lock while a thread's ``submit`` waits
   for it; the main thread forks (the fork's wait cut to 0.2 s). The child, which
   inherited a connection in the middle of a transaction, must be refused the file.
+  ``blocked-open``: the same with a new handler's open waiting for the lock (to upgrade
+  an older schema).
 * ``threads``: 4 threads fork 100 times each at once, switching threads as often as
   Python can; then the handler must still write (no lock left held by a fork).
 * ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
   times; each child closes its copy and opens a handler of its own on the same file.
   A child stuck on a lock its parent held at the fork is killed after 10 s.
+* ``opening``: a thread keeps opening and closing handlers on the file while the parent
+  forks FORKS times; each child opens a handler of its own and writes once, waits until
+  the parent has closed everything, then writes 5 more (killed if stuck for 10 s).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import threading
 import time
 
 from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
+from orbiter.store.schema import KNOWN_REVISIONS
 
 
 def child_uses_copy_then_own(handler: BackgroundTaskHandler, database: str, tag: str) -> str:
@@ -117,10 +124,18 @@ connection.execute("ROLLBACK")
 """
 
 
-def fork_while_blocked(database: str) -> None:
+def fork_while_blocked(database: str, waiting: str) -> None:
     from orbiter.store import worker as worker_module
 
     handler = BackgroundTaskHandler(database=database)
+    opened: list[BackgroundTaskHandler] = []
+    if waiting == "open":
+        # An older schema: the open waits for the lock in its upgrade, before it has a
+        # commit worker whose lock the fork could take.
+        handler.close()
+        from orbiter import migrate
+
+        migrate.downgrade(database, KNOWN_REVISIONS[-2])
     locker = subprocess.Popen(
         [sys.executable, "-c", LOCKER, database],
         stdin=subprocess.PIPE,
@@ -129,9 +144,14 @@ def fork_while_blocked(database: str) -> None:
     )
     assert locker.stdout is not None and locker.stdin is not None
     locker.stdout.readline()
-    blocked = threading.Thread(target=handler.submit, args=("blocked", "run"))
+    if waiting == "submit":
+        blocked = threading.Thread(target=handler.submit, args=("blocked", "run"))
+    else:
+        blocked = threading.Thread(
+            target=lambda: opened.append(BackgroundTaskHandler(database=database))
+        )
     blocked.start()
-    time.sleep(0.3)  # the submit now waits inside its transaction for the lock
+    time.sleep(0.3)  # the submit or open now waits inside its transaction for the lock
     worker_module.FORK_WAIT = 0.2
     read_end, write_end = os.pipe()
     started = time.monotonic()
@@ -155,8 +175,10 @@ def fork_while_blocked(database: str) -> None:
     report = {
         "fork_seconds": fork_seconds,
         "child_said": child_said,
-        "blocked_stored": handler.get_task("blocked") is not None,
+        "blocked_stored": len(opened) == 1 or handler.get_task("blocked") is not None,
     }
+    for other in opened:
+        other.close()
     handler.close()
     print(json.dumps(report))
 
@@ -231,14 +253,66 @@ def fork_while_busy(database: str, forks: int) -> None:
     print(json.dumps({"statuses": statuses, "parent_tasks": written}))
 
 
+def wait_or_kill(pid: int, seconds: float) -> int:
+    """The child's exit code; -9 if it was still running after ``seconds`` (killed)."""
+    deadline = time.monotonic() + seconds
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return -9
+        time.sleep(0.005)
+    return os.waitstatus_to_exitcode(done[1])
+
+
+def fork_while_opening(database: str, forks: int) -> None:
+    with BackgroundTaskHandler(database=database) as first:
+        first.submit("setup", "run")
+    stop = threading.Event()
+
+    def keep_opening() -> None:
+        while not stop.is_set():
+            BackgroundTaskHandler(database=database).close()
+
+    opener = threading.Thread(target=keep_opening)
+    opener.start()
+    children: list[tuple[int, int]] = []
+    for number in range(forks):
+        time.sleep(0.003 * (number % 7))  # land the forks at varied points of an open
+        go_read, go_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_write)
+            own = BackgroundTaskHandler(database=database)
+            own.submit(f"c{number}-0", "run")
+            os.read(go_read, 1)  # the parent has closed every handler of its own
+            for index in range(1, 6):
+                own.submit(f"c{number}-{index}", "run")
+            own.close()
+            os._exit(0)
+        os.close(go_read)
+        children.append((pid, go_write))
+    stop.set()
+    opener.join()
+    for _, go_write in children:
+        os.write(go_write, b"g")
+        os.close(go_write)
+    statuses = [wait_or_kill(pid, 10) for pid, _ in children]
+    print(json.dumps({"statuses": statuses}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "exit":
         exit_normally(sys.argv[2])
     elif sys.argv[1] == "parent-closes":
         parent_closes_first(sys.argv[2])
     elif sys.argv[1] == "blocked":
-        fork_while_blocked(sys.argv[2])
+        fork_while_blocked(sys.argv[2], "submit")
+    elif sys.argv[1] == "blocked-open":
+        fork_while_blocked(sys.argv[2], "open")
     elif sys.argv[1] == "threads":
         fork_from_threads(sys.argv[2])
+    elif sys.argv[1] == "opening":
+        fork_while_opening(sys.argv[2], int(sys.argv[3]))
     else:
         fork_while_busy(sys.argv[2], int(sys.argv[3]))

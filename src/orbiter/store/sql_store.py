@@ -34,7 +34,7 @@ from orbiter.errors import (
     InvalidValueError,
 )
 from orbiter.migrate import ensure_schema
-from orbiter.store import CommittedThenCancelled, PendingDrain, queries
+from orbiter.store import CommittedThenCancelled, PendingDrain, fork_gate, queries
 from orbiter.store.claims import acknowledge, any_free_item, claim_next
 from orbiter.store.codec import (
     Codec,
@@ -135,6 +135,28 @@ class SqlStore:
         self._finished_count = 0
         if target.path is not None:
             refuse_if_unsafe_after_fork(str(target.path))
+        # A fork waits until the open is done (see fork_gate.py).
+        with fork_gate.opening(str(target.path or self._where)):
+            self._worker = self._open(synchronous, busy_timeout, auto_migrate, lease_timeout)
+        self._heartbeat = Heartbeat(self._worker, self._renew_lease, heartbeat_interval)
+        # Closes a handler that is dropped (or still open at exit) without close().
+        self._shut = threading.Event()  # set once the shutdown below has finished
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self._worker, self._heartbeat, self.identity.owner_id, self._shut
+        )
+
+    # -- opening and errors --------------------------------------------------------
+
+    def _open(
+        self,
+        synchronous: Synchronous,
+        busy_timeout: float,
+        auto_migrate: bool,
+        lease_timeout: float,
+    ) -> CommitWorker:
+        """Check the file (creating a new one), bring its schema up to date, and start the
+        commit worker with this handler's owner row recorded."""
+        target = self._target
         existing = ready_file(target)
         engine = create_sync_engine(target, synchronous=synchronous, busy_timeout=busy_timeout)
         try:
@@ -147,25 +169,18 @@ class SqlStore:
             if translated is exc:
                 raise
             raise translated from exc
-        self._worker = CommitWorker(
+        worker = CommitWorker(
             engine,
             translate=partial(translate_error, self._where),
             synchronous=synchronous,
             name="orbiter-bg-commit",
         )
         try:
-            self._worker.call(partial(record_heartbeat, self.identity, lease_timeout))
+            worker.call(partial(record_heartbeat, self.identity, lease_timeout))
         except BaseException:
-            self._worker.close()
+            worker.close()
             raise
-        self._heartbeat = Heartbeat(self._worker, self._renew_lease, heartbeat_interval)
-        # Closes a handler that is dropped (or still open at exit) without close().
-        self._shut = threading.Event()  # set once the shutdown below has finished
-        self._finalizer = weakref.finalize(
-            self, _shut_down, self._worker, self._heartbeat, self.identity.owner_id, self._shut
-        )
-
-    # -- opening and errors --------------------------------------------------------
+        return worker
 
     # -- rows to tasks -------------------------------------------------------------
 

@@ -32,8 +32,9 @@ effect unknown.
 
 A process forked while a worker is open gets a copy of it without its thread and with
 its connection, which SQLite does not allow a child to use. So a fork first waits (up to
-``FORK_WAIT`` seconds for all workers together) until no transaction runs on any open
-worker's connections: SQLite's own state, which the child inherits, is then at rest. In
+``FORK_WAIT`` seconds in all) until no handler is being opened (see ``fork_gate.py``) and
+no transaction runs on any open worker's connections: SQLite's own state, which the
+child inherits, is then at rest. In
 the child every copied worker is closed at once, its connections too, with nothing
 written: its calls raise :class:`HandlerClosedError` saying to open a new handler, its
 closing (or the child's exit) leaves the parent's owner row alone, and the child may open
@@ -61,7 +62,7 @@ from typing import Any, Generic, TypeVar
 from sqlalchemy import Engine
 
 from orbiter.errors import BackgroundTaskError, DatabaseError, HandlerClosedError
-from orbiter.store import CommittedThenCancelled
+from orbiter.store import CommittedThenCancelled, fork_gate
 from orbiter.store.executor import Db
 
 __all__ = ["CommitWorker", "Operation", "Together"]
@@ -110,7 +111,8 @@ _forking = threading.local()
 
 
 def _before_fork() -> None:
-    deadline = time.monotonic() + FORK_WAIT  # for all workers together
+    deadline = time.monotonic() + FORK_WAIT  # for handlers being opened and workers together
+    _forking.opening = fork_gate.wait_for_opens(deadline)
     # One order for every forking thread, so two that fork at once cannot each hold a
     # lock the other waits for.
     workers = sorted(_OPEN_WORKERS, key=id)
@@ -127,11 +129,16 @@ def _after_fork_in_parent() -> None:
     for locks in _taken_by_this_fork().values():
         for lock in locks:
             lock.release()
+    fork_gate.after_fork(in_child=False)
 
 
 def _after_fork_in_child() -> None:
     global _START_LOCK  # noqa: PLW0603 - the parent's may be held, and never let go here
     _START_LOCK = threading.Lock()
+    fork_gate.after_fork(in_child=True)
+    # Files a handler was still being opened on when the wait ran out: as unsafe here as
+    # those of a worker caught in a transaction.
+    _UNSAFE_IN_CHILD.update(getattr(_forking, "opening", ()))
     held = _taken_by_this_fork()
     for worker in list(_OPEN_WORKERS):
         at_rest = len(held.get(worker, ())) == 2  # no transaction ran on it at the fork

@@ -1,0 +1,79 @@
+"""Lets a fork wait until no handler is being opened in another thread.
+
+Opening a handler makes short-lived connections (the guard, the schema check) and many
+SQLite calls. A process forked in the middle of them gets copies it can neither use nor
+safely close: SQLite's global mutexes (its memory allocator's, say) may be copied held,
+so the child hangs in its first SQLite call, and a copied connection shares SQLite's
+per-process record of the file with the child's own, so the child's writes can be lost
+when the parent closes. The commit worker's fork hook (see ``worker.py``) therefore
+first calls :func:`wait_for_opens`, which keeps new opens from starting and waits for
+those under way, and after the fork :func:`after_fork` lets opens go on.
+
+Everything here takes its lock by ``with`` on a bare lock and waits by polling, so a
+KeyboardInterrupt cannot leave the gate shut for good.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["after_fork", "opening", "wait_for_opens"]
+
+#: Seconds between looks while an open waits for a fork, or a fork for opens.
+_POLL = 0.001
+
+_lock = threading.Lock()  # guards the two below
+_opening: list[str] = []  # the files of the handlers being opened now
+_forks = 0  # forks waiting for them (or under way)
+
+
+@contextmanager
+def opening(file: str) -> Iterator[None]:
+    """Hold the gate open while a handler opens ``file`` (waits while a fork is under
+    way)."""
+    entered = False
+    try:
+        while not entered:
+            with _lock:
+                if not _forks:
+                    _opening.append(file)
+                    entered = True
+            if not entered:
+                time.sleep(_POLL)
+        yield
+    finally:
+        if entered:
+            with _lock:
+                if file in _opening:  # not in a forked child (see after_fork)
+                    _opening.remove(file)
+
+
+def wait_for_opens(deadline: float) -> list[str]:
+    """Keep new opens from starting, and wait until none is under way or until
+    ``deadline`` (a ``time.monotonic()``). Returns the files still being opened then
+    (none, unless the wait ran out). Call :func:`after_fork` after the fork."""
+    global _forks  # noqa: PLW0603 - the process-wide count
+    with _lock:
+        _forks += 1
+    while True:
+        with _lock:
+            if not _opening or time.monotonic() >= deadline:
+                return list(_opening)
+        time.sleep(_POLL)
+
+
+def after_fork(*, in_child: bool) -> None:
+    """Let opens go on after a fork that :func:`wait_for_opens` prepared."""
+    global _lock, _forks  # noqa: PLW0603 - the process-wide state
+    if in_child:
+        # Only the forking thread lives on here: nobody else is opening, and the lock
+        # may have been copied held by a thread that is gone.
+        _lock = threading.Lock()
+        _opening.clear()
+        _forks = 0
+        return
+    with _lock:
+        _forks = max(0, _forks - 1)
