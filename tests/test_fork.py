@@ -55,9 +55,7 @@ def test_children_forked_while_the_parent_writes_never_hang_on_its_locks(
     report = json.loads(run_helper("forker.py", "busy", str(db_path), str(forks), timeout=240))
     assert report["statuses"] == [0] * forks  # none killed after hanging
     assert report["parent_tasks"] > 0
-    with sqlite3.connect(db_path) as connection:
-        ids = {row[0] for row in connection.execute("SELECT task_id FROM background_tasks")}
-        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    ids, integrity = _stored_ids_and_integrity(db_path)
     assert {f"child-{number}" for number in range(forks)} <= ids
     assert not any(task_id.startswith("copy-") for task_id in ids)
     assert integrity == "ok"
@@ -73,10 +71,7 @@ def test_children_forked_while_another_thread_opens_handlers_keep_their_writes(
     forks = 40
     report = json.loads(run_helper("forker.py", "opening", str(db_path), str(forks), timeout=600))
     assert report["statuses"] == [0] * forks  # none killed after hanging
-    with sqlite3.connect(db_path) as connection:
-        rows = connection.execute("SELECT task_id FROM background_tasks").fetchall()
-        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
-    ids = {row[0] for row in rows}
+    ids, integrity = _stored_ids_and_integrity(db_path)
     assert {f"c{number}-{index}" for number in range(forks) for index in range(6)} <= ids
     assert integrity == "ok"
 
@@ -97,3 +92,11 @@ def test_a_child_forked_mid_transaction_is_refused_the_file(db_path: Path, mode:
 def test_threads_forking_at_once_each_let_go_of_what_they_took(db_path: Path) -> None:
     report = json.loads(run_helper("forker.py", "threads", str(db_path), timeout=120))
     assert report == {"slow_forks": [], "wrote_after": True}
+
+
+def _stored_ids_and_integrity(db_path: Path) -> tuple[set[str], str]:
+    """What a fresh connection finds in the file: every task id, and the integrity check."""
+    with sqlite3.connect(db_path) as connection:
+        ids = {row[0] for row in connection.execute("SELECT task_id FROM background_tasks")}
+        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
+    return ids, integrity

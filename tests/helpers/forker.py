@@ -238,14 +238,7 @@ def fork_while_busy(database: str, forks: int) -> None:
         if pid == 0:
             child_uses_copy_then_own(handler, database, str(number))
             os._exit(0)
-        deadline = time.monotonic() + 10
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                done = os.waitpid(pid, 0)
-                break
-            time.sleep(0.005)
-        statuses.append(os.waitstatus_to_exitcode(done[1]))
+        statuses.append(wait_or_kill(pid, 10))
     stop.set()
     writer.join()
     written = len(handler.list_tasks())
