@@ -305,6 +305,43 @@ def test_a_change_made_on_a_task_object_is_stored_by_push(
     assert handler.list_tasks(status=RunNodeStatus.SUCCESS) == [task]
 
 
+async def test_a_read_undoes_a_change_made_on_a_held_object_and_not_stored(
+    durable: BackgroundTaskHandler,
+) -> None:
+    # A read shows what is stored, also when the change kept the task's status.
+    task = durable.submit("a", "run")
+    await durable.handle_result("a", "stored", is_main_running=True)
+    task.complete("local")  # on the object only, never pushed
+    assert durable.get_task("a") is task
+    assert task.result == "stored"
+    task.complete("local again")
+    assert durable.list_tasks(status=RunNodeStatus.SUCCESS) == [task]
+    assert task.result == "stored"
+
+
+@pytest.mark.parametrize("finish", ["handle_result", "handle_error"])
+async def test_a_drain_never_rolls_back_a_task_finished_while_it_held_the_row(
+    handler: BackgroundTaskHandler, finish: str
+) -> None:
+    # Both tasks are queued while still running, so the drain claims "b" as RUNNING; the
+    # consumer then finishes "b" before the drain hands it out.
+    first, second = handler.submit("a", "run"), handler.submit("b", "run")
+    handler.pending_queue.push(first)
+    handler.pending_queue.push(second)
+    seen = []
+    async for task in handler.drain_pending():
+        if task.task_id == "a" and finish == "handle_result":
+            await handler.handle_result("b", "late", is_main_running=True)
+        elif task.task_id == "a":
+            handler.handle_error("b", "late")
+        else:
+            seen.append((task is second, task.status, task.result, task.error))
+    if finish == "handle_result":
+        assert seen == [(True, RunNodeStatus.SUCCESS, "late", None)]
+    else:
+        assert seen == [(True, RunNodeStatus.FAILED, None, "late")]
+
+
 def test_a_purged_and_resubmitted_id_is_seen_running_again(db_path: Path) -> None:
     with BackgroundTaskHandler(database=db_path) as first:
         old = first.submit("x", "run-1")

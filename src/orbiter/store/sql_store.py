@@ -184,11 +184,13 @@ class SqlStore:
 
     # -- rows to tasks -------------------------------------------------------------
 
-    def _task_from_row(self, row: TaskRow, finished_before: int | None = None) -> BackgroundTask:
-        """The task object for ``row``: the one this handler holds, brought up to date, or
-        a new one. ``finished_before`` is ``_finished_count`` as it was before the row was
-        read: if this handler finished a task since (on another thread), a still-active
-        row may be older than the object, which then stays as it is."""
+    def _task_from_row(self, row: TaskRow, finished_before: int) -> BackgroundTask:
+        """The task object for ``row``: the one this handler holds, brought up to what is
+        stored (changes made on the object itself and not stored are undone), or a new
+        one. ``finished_before`` is ``_finished_count`` as it was before the row was read:
+        if this handler finished a task since (on another thread, or while a drain held
+        the row), a still-active row may be older than the object, which then stays as
+        it is."""
         task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
         task = self._tasks.get(task_id)
         if task is None or task.parent_task_id != parent_task_id:
@@ -196,11 +198,7 @@ class SqlStore:
             task = self._tasks[task_id] = BackgroundTask(
                 task_id, parent_task_id, payload=self._codec.loads(payload)
             )
-        elif task.status == status or (
-            finished_before is not None
-            and finished_before != self._finished_count
-            and status in queries.ACTIVE_STATUSES
-        ):
+        elif finished_before != self._finished_count and status in queries.ACTIVE_STATUSES:
             return task
         task.status = _STATUS_OF[status]
         task.merge_mode = _MERGE_MODE_OF[merge_mode] if merge_mode is not None else None
@@ -370,6 +368,7 @@ class SqlStore:
 
     def pop_all_pending(self) -> list[BackgroundTask]:
         claimer = self._new_claimer()
+        finished = self._finished_count
 
         claim = self._claim(claimer, None, after=0, upto=None, limit=-1)
 
@@ -382,7 +381,7 @@ class SqlStore:
             rows = self._worker.call(pop_all)
         finally:
             self._live_claimers.discard(claimer)
-        return [self._task_from_row(row[1:]) for row in rows]
+        return [self._task_from_row(row[1:], finished) for row in rows]
 
     def pending_count(self) -> int:
         count = self._worker.call(
@@ -410,12 +409,13 @@ class SqlStore:
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         """Claim every free pending item (of one parent), for an all-or-nothing merge."""
         claimer = self._new_claimer()
+        finished = self._finished_count
         try:
             rows = await self._worker.acall(
                 self._claim(claimer, parent_task_id, after=0, upto=None, limit=-1),
                 relaxed=CLAIMS_ARE_RELAXED,
             )
-            return claimer, [self._task_from_row(row[1:]) for row in rows]
+            return claimer, [self._task_from_row(row[1:], finished) for row in rows]
         except BaseException:  # cancelled, perhaps once the claim committed: end it
             await self._free_claims(claimer)
             raise
@@ -502,9 +502,13 @@ class SqlStore:
         try:
             rows = await self._worker.acall(recover, report_committed=True)
         except CommittedThenCancelled as committed:
-            committed.result = [(self._task_from_row(row), why) for row, why in committed.result]
+            # Rows the settling just wrote: none is older than an object held.
+            committed.result = [
+                (self._task_from_row(row, self._finished_count), why)
+                for row, why in committed.result
+            ]
             raise
-        return [(self._task_from_row(row), reason) for row, reason in rows]
+        return [(self._task_from_row(row, self._finished_count), why) for row, why in rows]
 
     async def wait_pending(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -551,6 +555,7 @@ class _Drain:
         self._parent = parent_task_id
         self._upto: int | None = None  # the newest item when the drain started
         self._batch: deque[TaskRow] = deque()  # claimed, not handed out yet
+        self._claimed_after = 0  # the store's _finished_count when the batch was claimed
         self._held: int | None = None  # the item the consumer holds
         self._after = 0  # items up to this one are done
         self._started = False
@@ -605,12 +610,15 @@ class _Drain:
             claim = store._claim(
                 self._claimer, self._parent, after=self._after, upto=self._upto, limit=DRAIN_BATCH
             )
+            self._claimed_after = store._finished_count
             self._batch.extend(await store._worker.acall(claim, relaxed=CLAIMS_ARE_RELAXED))
             if not self._batch:
                 await self._end()
                 raise StopAsyncIteration
         row = self._batch[0]
-        task = store._task_from_row(row[1:])  # may fail (a codec): then the item stays
+        # The row was read when the batch was claimed: a task this handler finished since
+        # keeps what its object shows. (May fail, in a codec: then the item stays.)
+        task = store._task_from_row(row[1:], self._claimed_after)
         self._batch.popleft()
         self._held = row[0]
         return task
