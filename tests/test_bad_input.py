@@ -41,7 +41,12 @@ async def test_bad_task_ids(handler: BackgroundTaskHandler, bad_id: Any) -> None
         handler.handle_error(bad_id, "x")
     with pytest.raises(BackgroundTaskError, match="task_id"):
         handler.get_task(bad_id)
+    for task in (BackgroundTask(bad_id, "run"), BackgroundTask("ok", bad_id)):
+        task.complete(1)
+        with pytest.raises(BackgroundTaskError, match="task_id"):
+            handler.pending_queue.push(task)
     assert handler.list_tasks() == []
+    assert handler.pending_queue.size == 0
 
 
 def test_invalid_value_error_is_also_type_and_value_error() -> None:

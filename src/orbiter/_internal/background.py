@@ -82,6 +82,9 @@ class PendingQueue:
         """Add a completed task to the pending queue. Signals any waiters."""
         if not isinstance(task, BackgroundTask):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise InvalidValueError(f"push() takes a BackgroundTask, not {type(task).__name__}")
+        # Ids are checked in both modes, as submit() checks them.
+        check_id(task.task_id, "task_id")
+        check_id(task.parent_task_id, "parent_task_id")
         self._store.push_pending(task)
 
     def pop_all(self) -> list[BackgroundTask]:

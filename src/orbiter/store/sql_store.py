@@ -38,7 +38,6 @@ from orbiter.store import CommittedThenCancelled, PendingDrain, fork_gate, queri
 from orbiter.store.claims import acknowledge, any_free_item, claim_next
 from orbiter.store.codec import (
     Codec,
-    check_id,
     encode_value,
     is_unicode_text,
     utc_now_text,
@@ -336,8 +335,7 @@ class SqlStore:
         return [self._task_from_row(row, finished) for row in rows]
 
     def push_pending(self, task: BackgroundTask) -> None:
-        check_id(task.task_id, "task_id")
-        check_id(task.parent_task_id, "parent_task_id")
+        # (Its ids are checked by PendingQueue.push.)
         if task.error is not None and not isinstance(task.error, str):
             raise InvalidValueError(f"cannot store the pushed task: error is {task.error!r}")
         try:  # a task built by hand may hold the plain strings ("success", "wakeup")
