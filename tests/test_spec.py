@@ -368,6 +368,22 @@ async def test_list_tasks_with_and_without_filter(handler: BackgroundTaskHandler
     assert handler.list_tasks(status=RunNodeStatus.TIMEOUT) == []
 
 
+@pytest.mark.parametrize("clock", ["frozen", "stepping back"])
+def test_list_tasks_keeps_submission_order_whatever_the_clock(
+    handler: BackgroundTaskHandler, monkeypatch: pytest.MonkeyPatch, clock: str
+) -> None:
+    # Tasks submitted in one transaction share a timestamp, and a clock may step back
+    # (NTP): the order is still the order of the calls, as in memory.
+    stamps = iter(f"2026-12-07 10:00:{59 - second:02d}.000000" for second in range(60))
+    now = (lambda: "2026-12-07 10:00:00.000000") if clock == "frozen" else (lambda: next(stamps))
+    monkeypatch.setattr("orbiter.store.executor.utc_now_text", now)
+    for task_id in ("m", "z", "a", "k"):
+        handler.submit(task_id, "main")
+    assert [t.task_id for t in handler.list_tasks()] == ["m", "z", "a", "k"]
+    running = handler.list_tasks(status=RunNodeStatus.RUNNING)
+    assert [t.task_id for t in running] == ["m", "z", "a", "k"]
+
+
 def test_pending_queue_property_is_stable(handler: BackgroundTaskHandler) -> None:
     assert isinstance(handler.pending_queue, PendingQueue)
     assert handler.pending_queue is handler.pending_queue

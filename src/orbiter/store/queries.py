@@ -22,6 +22,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
@@ -167,8 +168,12 @@ def select_task() -> AnySelect:
 def select_tasks(
     with_status: bool,
 ) -> AnySelect:
-    """All tasks in submission order, optionally only those with ``:status``."""
-    stmt = select(*TASK_COLUMNS).order_by(tasks.c.created_at, tasks.c.task_id)
+    """All tasks in the order they were stored (submitted, or pushed when new), as the
+    in-memory handler lists them, optionally only those with ``:status``.
+
+    By SQLite's ``rowid``, not ``created_at``: tasks submitted in one transaction share a
+    timestamp, and the clock may step back."""
+    stmt = select(*TASK_COLUMNS).order_by(literal_column(f"{tasks.name}.rowid"))
     if with_status:
         stmt = stmt.where(tasks.c.status == bindparam("status"))
     return stmt
