@@ -26,7 +26,7 @@ __all__ = ["after_fork", "opening", "wait_for_opens"]
 _POLL = 0.001
 
 _lock = threading.Lock()  # guards the two below
-_opening: list[str] = []  # the files of the handlers being opened now
+_opening: dict[object, str] = {}  # the files of the handlers being opened now, by open
 _forks = 0  # forks waiting for them (or under way)
 
 
@@ -34,21 +34,19 @@ _forks = 0  # forks waiting for them (or under way)
 def opening(file: str) -> Iterator[None]:
     """Hold the gate open while a handler opens ``file`` (waits while a fork is under
     way)."""
-    entered = False
+    me = object()
     try:
-        while not entered:
+        while True:
             with _lock:
                 if not _forks:
-                    _opening.append(file)
-                    entered = True
-            if not entered:
-                time.sleep(_POLL)
+                    # A store, not a call: an interrupt cannot land between it and the try.
+                    _opening[me] = file
+                    break
+            time.sleep(_POLL)
         yield
     finally:
-        if entered:
-            with _lock:
-                if file in _opening:  # not in a forked child (see after_fork)
-                    _opening.remove(file)
+        with _lock:
+            _opening.pop(me, None)  # also when never entered, or cleared in a forked child
 
 
 def wait_for_opens(deadline: float) -> list[str]:
@@ -61,7 +59,7 @@ def wait_for_opens(deadline: float) -> list[str]:
     while True:
         with _lock:
             if not _opening or time.monotonic() >= deadline:
-                return list(_opening)
+                return list(_opening.values())
         time.sleep(_POLL)
 
 
