@@ -76,6 +76,14 @@ def test_children_forked_while_another_thread_opens_handlers_keep_their_writes(
     assert integrity == "ok"
 
 
+def test_an_interrupt_as_the_fork_ends_leaves_the_handler_working(db_path: Path) -> None:
+    # A Ctrl-C that arrives during fork() is raised as the parent's after-fork hook
+    # begins, and Python only prints it: the hook is registered twice, so the second
+    # lets go of the locks the fork took and reopens the gate.
+    report = json.loads(run_helper("forker.py", "interrupted-hook", str(db_path), timeout=120))
+    assert report == {"submit": True, "open": True}
+
+
 @pytest.mark.parametrize("mode", ["blocked", "blocked-open"])
 def test_a_child_forked_mid_transaction_is_refused_the_file(db_path: Path, mode: str) -> None:
     # The parent's submit (or a new handler's open) waits for another process's lock

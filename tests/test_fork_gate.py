@@ -28,7 +28,8 @@ def test_a_fork_waits_for_an_open_and_an_open_waits_for_the_fork() -> None:
     opener.start()
     entered.wait()
     # The wait runs out with the open still under way: the fork is told which file.
-    assert fork_gate.wait_for_opens(time.monotonic() + 0.05) == ["slow.db"]
+    fork = object()
+    assert fork_gate.wait_for_opens(fork, time.monotonic() + 0.05) == ["slow.db"]
     leave.set()
     opener.join()
     late_open_done = threading.Event()
@@ -41,11 +42,12 @@ def test_a_fork_waits_for_an_open_and_an_open_waits_for_the_fork() -> None:
     late.start()
     time.sleep(0.05)
     assert not late_open_done.is_set()  # held back while the fork is under way
-    fork_gate.after_fork(in_child=False)
+    fork_gate.after_fork(fork, in_child=False)
+    fork_gate.after_fork(fork, in_child=False)  # again: nothing more happens
     late.join()
     assert late_open_done.is_set()
-    assert fork_gate.wait_for_opens(time.monotonic()) == []  # none under way now
-    fork_gate.after_fork(in_child=False)
+    assert fork_gate.wait_for_opens(fork, time.monotonic()) == []  # none under way now
+    fork_gate.after_fork(fork, in_child=False)
 
 
 def _entering_lines() -> int:
@@ -102,5 +104,6 @@ def test_an_interrupt_at_any_line_of_an_open_leaves_the_gate_open() -> None:
                 raise KeyboardInterrupt  # not reached before the target line
         finally:
             sys.settrace(None)
-        assert fork_gate.wait_for_opens(time.monotonic()) == [], target
-        fork_gate.after_fork(in_child=False)
+        fork = object()
+        assert fork_gate.wait_for_opens(fork, time.monotonic()) == [], target
+        fork_gate.after_fork(fork, in_child=False)

@@ -5,17 +5,21 @@ and a failing batch that holds a thread's operation is retried without losing an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from orbiter._internal.background import BackgroundTaskHandler
 from orbiter.errors import DatabaseError
 from orbiter.store.engine import create_sync_engine, resolve_database
 from orbiter.store.executor import Db
@@ -394,3 +398,69 @@ def test_a_storm_of_keyboard_interrupts_leaves_no_lock_held(db_path: Path, mode:
     assert report["leaked"] is None
     assert report["submit_after"] is True
     assert report["close"] is True
+
+
+def test_an_interrupt_inside_any_condition_during_a_call_to_end_leaves_the_worker_free(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    # A call to the end (a drain ending its claims) that waited through a
+    # concurrent.futures.Future entered a threading.Condition on the loop thread; a
+    # KeyboardInterrupt right after its lock was taken left it held, and the commit
+    # thread hung answering. Here one is raised at the end of every Condition.__enter__
+    # this thread runs during the call (none, now).
+    enter = threading.Condition.__enter__.__code__
+    main = threading.current_thread()
+
+    def interrupt_on_entry(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is enter and threading.current_thread() is main:
+
+            def on_return(frame: Any, event: str, arg: Any) -> Any:
+                if event == "return":
+                    sys.settrace(None)
+                    raise KeyboardInterrupt
+                return on_return
+
+            return on_return
+        return None
+
+    async def call_to_end() -> str:
+        sys.settrace(interrupt_on_entry)
+        try:
+            return await worker.acall_to_end(partial(_log, "to-end"))
+        finally:
+            sys.settrace(None)
+
+    with worker._connection_lock:  # a batch under way: the call queues
+        runner = asyncio.new_event_loop()
+        task = runner.create_task(call_to_end())
+        runner.run_until_complete(asyncio.sleep(0.05))
+    with contextlib.suppress(KeyboardInterrupt):
+        runner.run_until_complete(task)
+    runner.close()
+    done: list[str] = []
+    caller = threading.Thread(target=lambda: done.append(worker.call(partial(_log, "later"))))
+    caller.start()
+    caller.join(WAIT)
+    assert done == ["later"]
+    assert _committed(db_path) == ["to-end", "later"]
+
+
+def test_a_close_cut_short_by_an_interrupt_is_finished_by_the_next(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interrupt lands in the worker's close() after it marked itself closed and
+    # before it woke the commit thread: the handler's next close() must finish the job.
+    handler = BackgroundTaskHandler(database=db_path)
+    worker = handler._store._worker  # type: ignore[attr-defined]
+
+    def cut_short(self: CommitWorker) -> None:
+        with self._lock:
+            self._closed = True
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CommitWorker, "close", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        handler.close()
+    monkeypatch.undo()
+    handler.close()
+    _wait_until(lambda: not worker._thread.is_alive(), "the commit thread to end")

@@ -1,6 +1,6 @@
 """A process that forks while its handler is open, for tests/test_fork.py.
 
-Usage: forker.py exit|parent-closes|blocked|blocked-open|threads DB
+Usage: forker.py exit|parent-closes|blocked|blocked-open|threads|interrupted-hook DB
        forker.py busy|opening DB FORKS
 Prints one JSON document.
 
@@ -21,6 +21,9 @@ Prints one JSON document.
 * ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
   times; each child closes its copy and opens a handler of its own on the same file.
   A child stuck on a lock its parent held at the fork is killed after 10 s.
+* ``interrupted-hook``: a KeyboardInterrupt is raised as the after-fork hook in the
+  parent begins (where one that arrived during the fork is handled); then the parent's
+  handler must still write, and a new handler open.
 * ``opening``: a thread keeps opening and closing handlers on the file while the parent
   forks FORKS times; each child opens a handler of its own and writes once, waits until
   the parent has closed everything, then writes 5 more (killed if stuck for 10 s).
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
 from orbiter.store.schema import KNOWN_REVISIONS
@@ -246,6 +250,39 @@ def fork_while_busy(database: str, forks: int) -> None:
     print(json.dumps({"statuses": statuses, "parent_tasks": written}))
 
 
+def fork_with_interrupted_hook(database: str) -> None:
+    from orbiter.store import worker as worker_module
+
+    handler = BackgroundTaskHandler(database=database)
+    hook = worker_module._after_fork_in_parent.__code__
+
+    def interrupt_first_call(frame: Any, event: str, arg: Any) -> Any:
+        if frame.f_code is hook:
+            sys.settrace(None)
+            raise KeyboardInterrupt
+        return None
+
+    sys.settrace(interrupt_first_call)
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    sys.settrace(None)
+    os.waitpid(pid, 0)
+
+    def returns(action: Any) -> bool:
+        thread = threading.Thread(target=action, daemon=True)
+        thread.start()
+        thread.join(10)
+        return not thread.is_alive()
+
+    report = {
+        "submit": returns(lambda: handler.submit("after-fork", "run")),
+        "open": returns(lambda: BackgroundTaskHandler(database=database).close()),
+    }
+    print(json.dumps(report), flush=True)
+    os._exit(0)
+
+
 def wait_or_kill(pid: int, seconds: float) -> int:
     """The child's exit code; -9 if it was still running after ``seconds`` (killed)."""
     deadline = time.monotonic() + seconds
@@ -305,6 +342,8 @@ if __name__ == "__main__":
         fork_while_blocked(sys.argv[2], "open")
     elif sys.argv[1] == "threads":
         fork_from_threads(sys.argv[2])
+    elif sys.argv[1] == "interrupted-hook":
+        fork_with_interrupted_hook(sys.argv[2])
     elif sys.argv[1] == "opening":
         fork_while_opening(sys.argv[2], int(sys.argv[3]))
     else:

@@ -27,7 +27,7 @@ _POLL = 0.001
 
 _lock = threading.Lock()  # guards the two below
 _opening: dict[object, str] = {}  # the files of the handlers being opened now, by open
-_forks = 0  # forks waiting for them (or under way)
+_forks: set[object] = set()  # forks waiting for them (or under way)
 
 
 @contextmanager
@@ -49,13 +49,13 @@ def opening(file: str) -> Iterator[None]:
             _opening.pop(me, None)  # also when never entered, or cleared in a forked child
 
 
-def wait_for_opens(deadline: float) -> list[str]:
-    """Keep new opens from starting, and wait until none is under way or until
+def wait_for_opens(fork: object, deadline: float) -> list[str]:
+    """Keep new opens from starting until :func:`after_fork` is called with the same
+    ``fork`` (any object, one per fork), and wait until none is under way or until
     ``deadline`` (a ``time.monotonic()``). Returns the files still being opened then
-    (none, unless the wait ran out). Call :func:`after_fork` after the fork."""
-    global _forks  # noqa: PLW0603 - the process-wide count
+    (none, unless the wait ran out)."""
     with _lock:
-        _forks += 1
+        _forks.add(fork)
     while True:
         with _lock:
             if not _opening or time.monotonic() >= deadline:
@@ -63,15 +63,16 @@ def wait_for_opens(deadline: float) -> list[str]:
         time.sleep(_POLL)
 
 
-def after_fork(*, in_child: bool) -> None:
-    """Let opens go on after a fork that :func:`wait_for_opens` prepared."""
-    global _lock, _forks  # noqa: PLW0603 - the process-wide state
+def after_fork(fork: object, *, in_child: bool) -> None:
+    """Let opens go on after ``fork`` (see :func:`wait_for_opens`); calling it again, or
+    for a fork that did not wait, does nothing."""
+    global _lock  # noqa: PLW0603 - the process-wide lock
     if in_child:
         # Only the forking thread lives on here: nobody else is opening, and the lock
         # may have been copied held by a thread that is gone.
         _lock = threading.Lock()
         _opening.clear()
-        _forks = 0
+        _forks.clear()
         return
     with _lock:
-        _forks = max(0, _forks - 1)
+        _forks.discard(fork)

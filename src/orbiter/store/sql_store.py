@@ -528,10 +528,15 @@ class SqlStore:
 
     def close(self) -> None:
         self._finalizer()  # runs the shutdown once; a concurrent closer waits for it
+        if self._worker.on_commit_thread:
+            return
         # Look before waiting: an Event's wait is Python code around a lock, which a
         # KeyboardInterrupt could leave held (so every later close() would hang).
-        if not self._shut.is_set() and not self._worker.on_commit_thread:
+        if not self._shut.is_set():
             self._shut.wait()
+        # Again (it may be): a shutdown an interrupt cut short may have left the worker
+        # running, and this one finishes it.
+        self._worker.close()
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.close)

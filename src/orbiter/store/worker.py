@@ -112,34 +112,36 @@ _forking = threading.local()
 
 def _before_fork() -> None:
     deadline = time.monotonic() + FORK_WAIT  # for handlers being opened and workers together
-    _forking.opening = fork_gate.wait_for_opens(deadline)
+    # What this fork takes is recorded as it is taken, so the after-fork hooks let go of
+    # it even if an interrupt cut this hook short (the fork then goes on).
+    held: dict[CommitWorker, list[threading.Lock]] = {}
+    _forking.held, _forking.opening, _forking.gate = held, (), object()
+    _forking.opening = fork_gate.wait_for_opens(_forking.gate, deadline)
     # One order for every forking thread, so two that fork at once cannot each hold a
     # lock the other waits for.
-    workers = sorted(_OPEN_WORKERS, key=id)
-    _forking.held = {worker: worker._hold_for_fork(deadline) for worker in workers}  # pyright: ignore[reportPrivateUsage]
-
-
-def _taken_by_this_fork() -> dict[CommitWorker, list[threading.Lock]]:
-    held: dict[CommitWorker, list[threading.Lock]] = getattr(_forking, "held", {})
-    _forking.held = {}
-    return held
+    for worker in sorted(_OPEN_WORKERS, key=id):
+        held[worker] = []
+        worker._hold_for_fork(deadline, held[worker])  # pyright: ignore[reportPrivateUsage]
 
 
 def _after_fork_in_parent() -> None:
-    for locks in _taken_by_this_fork().values():
-        for lock in locks:
-            lock.release()
-    fork_gate.after_fork(in_child=False)
+    # Registered twice, and each step is done once: an interrupt that arrived during the
+    # fork is raised as the first call begins (and only printed), and the second does
+    # the work.
+    fork_gate.after_fork(getattr(_forking, "gate", None), in_child=False)
+    for locks in getattr(_forking, "held", {}).values():
+        while locks:
+            locks.pop().release()
 
 
 def _after_fork_in_child() -> None:
     global _START_LOCK  # noqa: PLW0603 - the parent's may be held, and never let go here
     _START_LOCK = threading.Lock()
-    fork_gate.after_fork(in_child=True)
+    fork_gate.after_fork(None, in_child=True)
     # Files a handler was still being opened on when the wait ran out: as unsafe here as
     # those of a worker caught in a transaction.
     _UNSAFE_IN_CHILD.update(getattr(_forking, "opening", ()))
-    held = _taken_by_this_fork()
+    held: dict[CommitWorker, list[threading.Lock]] = getattr(_forking, "held", {})
     for worker in list(_OPEN_WORKERS):
         at_rest = len(held.get(worker, ())) == 2  # no transaction ran on it at the fork
         worker._close_in_forked_child(at_rest=at_rest)  # pyright: ignore[reportPrivateUsage]
@@ -168,6 +170,7 @@ os.register_at_fork(
     after_in_parent=_after_fork_in_parent,
     after_in_child=_after_fork_in_child,
 )
+os.register_at_fork(after_in_parent=_after_fork_in_parent)  # see there
 
 #: ``deciding`` is True on a thread from just before it takes ``_START_LOCK`` until it
 #: has let go: a signal handler that runs there (``asyncio.run`` cancels the main task on
@@ -313,8 +316,10 @@ class CommitWorker:
         # KeyboardInterrupt cannot leave half done (a ``threading.Condition``'s methods
         # are Python code, and one landing inside them left its lock held for good).
         self._lock = threading.Lock()
-        self._urgent: deque[_Queued[Any]] = deque()  # blocked threads' operations, first
-        self._queue: deque[_Queued[Any]] = deque()  # async operations, in call order
+        #: Blocked threads' operations (and other urgent ``submit``\ s): served first.
+        self._urgent: deque[_Queued[Any]] = deque()
+        #: Async operations, and ``submit``\ s that are not urgent, in call order.
+        self._queue: deque[_Queued[Any]] = deque()
         self._signals: queue.SimpleQueue[None] = queue.SimpleQueue()  # one per enqueue
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
         self._closed = False
@@ -349,14 +354,12 @@ class CommitWorker:
             )
         return HandlerClosedError("the handler is closed")
 
-    def _hold_for_fork(self, deadline: float) -> list[threading.Lock]:
+    def _hold_for_fork(self, deadline: float, held: list[threading.Lock]) -> None:
         """Wait (until ``deadline``, a ``time.monotonic()``) until no transaction runs on
-        this worker's connections; return the locks taken, which keep it so."""
-        return [
-            lock
-            for lock in (self._connection_lock, self._reader_lock)
-            if lock.acquire(timeout=max(0.0, deadline - time.monotonic()))
-        ]
+        this worker's connections; add the locks taken, which keep it so, to ``held``."""
+        for lock in (self._connection_lock, self._reader_lock):
+            if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                held.append(lock)
 
     def _close_in_forked_child(self, *, at_rest: bool) -> None:
         """Close this copy in a forked child without touching what the parent owns.
@@ -379,7 +382,10 @@ class CommitWorker:
         self._urgent.clear()  # the parent's callers wait for these, not the child's
         self._queue.clear()
         self._staged.clear()
-        if not at_rest:  # closing would roll back in the log index the parent shares
+        # (A transaction can be open with its lock free: one an interrupt kept from
+        # ending, which the next run would have ended.)
+        if not at_rest or _in_transaction(self._db) or _in_transaction(self._reader):
+            # Closing would roll back in the log index the parent shares.
             _UNSAFE_IN_CHILD.add(str(self._engine.url.database))
             return
         for pooled in (self._pooled, self._reader_pooled):
@@ -598,15 +604,20 @@ class CommitWorker:
         """Run ``run`` on the worker thread and return once it has committed; cancelling
         the caller does not stop it (for operations nothing else would redo, like ending
         a claim): the cancellation is raised once ``run`` has finished, so what the caller
-        does next sees its effect."""
-        finished = asyncio.wrap_future(self.submit(run, relaxed=relaxed, urgent=False))
+        does next sees its effect.
+
+        Its waiter counts as started from the outset, so it cannot be withdrawn: asyncio
+        holds a cancellation back until the waiter is answered (see :class:`_Waiter`). (Not
+        a ``concurrent.futures.Future``, whose lock handling on this thread is Python code
+        a KeyboardInterrupt could leave with the lock held, hanging the commit thread.)
+        """
+        waiter = _Waiter(loop=asyncio.get_running_loop())
+        waiter.started = True
+        self._enqueue(_Queued(run, True, relaxed, waiter=waiter))
         try:
-            return await asyncio.shield(finished)
+            return await waiter  # type: ignore[no-any-return]
         except asyncio.CancelledError:
-            while not finished.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait([finished])  # returns when done, raising nothing
-            if not finished.cancelled() and (failure := finished.exception()) is not None:
+            if waiter.done() and (failure := waiter.exception()) is not None:
                 # The caller is told it was cancelled, not of this: say it here.
                 logger.warning("an operation a cancelled call left to finish failed: %s", failure)
             raise
@@ -900,6 +911,14 @@ def _settle(items: list[_Queued[Any]]) -> None:
             waiter.set_result(value)
         else:
             waiter.set_exception(value)
+
+
+def _in_transaction(db: Db | None) -> bool:
+    """Whether ``db``'s connection has a transaction open (False once it is closed)."""
+    try:
+        return db is not None and db.raw.in_transaction
+    except sqlite3.Error:  # closed
+        return False
 
 
 def _end_transaction(raw: sqlite3.Connection) -> None:
