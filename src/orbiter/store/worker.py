@@ -215,6 +215,10 @@ class _Answer(Generic[T]):
     condition's lock taken and never let go; the commit thread, answering, would then
     wait for that lock for good, and every later call with it. A bare lock's
     ``acquire`` either takes the lock or raises, and ``with`` lets it go.
+
+    It has the part of a ``Future`` that the commit thread uses
+    (``set_running_or_notify_cancel``, ``running``, ``set_result``, ``set_exception``),
+    so ``_Queued.future`` holds either.
     """
 
     __slots__ = ("_outcome", "_ready")
