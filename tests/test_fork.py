@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,13 +53,10 @@ def test_children_forked_while_the_parent_writes_never_hang_on_its_locks(
     db_path: Path,
 ) -> None:
     forks = 20
-    report = json.loads(run_helper("forker.py", "busy", str(db_path), str(forks), timeout=240))
-    assert report["statuses"] == [0] * forks  # none killed after hanging
+    report, ids = _fork_children(db_path, "busy", forks, timeout=240)
     assert report["parent_tasks"] > 0
-    ids, integrity = _stored_ids_and_integrity(db_path)
     assert {f"child-{number}" for number in range(forks)} <= ids
     assert not any(task_id.startswith("copy-") for task_id in ids)
-    assert integrity == "ok"
 
 
 def test_children_forked_while_another_thread_opens_handlers_keep_their_writes(
@@ -69,11 +67,8 @@ def test_children_forked_while_another_thread_opens_handlers_keep_their_writes(
     # (4-8 of 60) or made their own handler's writes vanish when the parent closed (5 of
     # 6 lost, in 15-38 of 60 children).
     forks = 40
-    report = json.loads(run_helper("forker.py", "opening", str(db_path), str(forks), timeout=600))
-    assert report["statuses"] == [0] * forks  # none killed after hanging
-    ids, integrity = _stored_ids_and_integrity(db_path)
+    _, ids = _fork_children(db_path, "opening", forks, timeout=600)
     assert {f"c{number}-{index}" for number in range(forks) for index in range(6)} <= ids
-    assert integrity == "ok"
 
 
 def test_an_interrupt_as_the_fork_ends_leaves_the_handler_working(db_path: Path) -> None:
@@ -102,9 +97,15 @@ def test_threads_forking_at_once_each_let_go_of_what_they_took(db_path: Path) ->
     assert report == {"slow_forks": [], "wrote_after": True}
 
 
-def _stored_ids_and_integrity(db_path: Path) -> tuple[set[str], str]:
-    """What a fresh connection finds in the file: every task id, and the integrity check."""
+def _fork_children(
+    db_path: Path, mode: str, forks: int, *, timeout: float
+) -> tuple[dict[str, Any], set[str]]:
+    """Run forker.py ``mode`` with ``forks`` children, check that every child exited 0
+    (none was killed after hanging) and that the file is intact; return the report and
+    every task id a fresh connection finds."""
+    report = json.loads(run_helper("forker.py", mode, str(db_path), str(forks), timeout=timeout))
+    assert report["statuses"] == [0] * forks
     with sqlite3.connect(db_path) as connection:
         ids = {row[0] for row in connection.execute("SELECT task_id FROM background_tasks")}
-        integrity = connection.execute("PRAGMA integrity_check").fetchone()[0]
-    return ids, integrity
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    return report, ids
