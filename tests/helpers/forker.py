@@ -232,6 +232,10 @@ def fork_while_busy(database: str, forks: int) -> None:
         while not stop.is_set():
             handler.submit(f"w{index}", "run")
             index += 1
+            # SQLite's busy wait polls rather than queues: a writer that takes the lock
+            # again at once can starve the child's writes past wait_or_kill's 10 s (as if
+            # it hung). A pause between writes still lands forks mid-write (~1 in 3).
+            time.sleep(0.001)
 
     writer = threading.Thread(target=keep_writing)
     writer.start()
