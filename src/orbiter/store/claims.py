@@ -5,8 +5,9 @@ before it hands them out, so concurrent drains, in this process or another, neve
 an item while its holder lives. The next claim frees the items of drains that are gone:
 those of a handler that is provably gone, and those of this handler's drains that ended
 without freeing theirs (a drain dropped on a loop that was closed before it could close
-the drain, or whose release failed). Each function here is an operation for the commit
-worker: it runs inside the worker's transaction, on ``db``.
+the drain, or whose release failed). Items a gone drain recorded as merged in the ack
+file (``drain_acks.py``) are removed first, the rest freed. Each function here is an
+operation for the commit worker: it runs inside the worker's transaction, on ``db``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,19 @@ from typing import Any
 
 from orbiter.store import queries
 from orbiter.store.codec import utc_now_text
+from orbiter.store.drain_acks import AckFile
 from orbiter.store.executor import Db
 from orbiter.store.owner import OwnerIdentity, owner_gone_reason, owner_rows
 
-__all__ = ["acknowledge", "any_free_item", "claim_next"]
+__all__ = [
+    "acknowledge",
+    "any_free_item",
+    "claim_next",
+    "release_gone_claims",
+    "remove_merged_of_owner",
+    "settle",
+    "take_ack_slot",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +45,17 @@ def claim_next(
     after: int,
     upto: int | None,
     limit: int,
+    acks: AckFile | None,
 ) -> list[Sequence[Any]]:
     """Free items held by gone drains (``live``: this handler's drains still running),
-    then claim for ``claimer`` up to ``limit`` free items (-1: all) after enqueue number
-    ``after`` and up to ``upto`` (None: the newest), of run ``parent`` or of every run;
-    return what ``claimer`` holds, in enqueue order."""
+    remove the items ``claimer`` merged (up to enqueue number ``after``), then claim for
+    it up to ``limit`` free items (-1: all) after ``after`` and up to ``upto`` (None: the
+    newest), of run ``parent`` or of every run; return what ``claimer`` holds, in enqueue
+    order."""
     now = utc_now_text()
-    _release_dead_claims(db, me, live, now)
+    _release_dead_claims(db, me, live, now, acks)
+    if after:
+        db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": after})
     if upto is None:
         upto = db.scalar(queries.max_pending_seq())
         if upto is None:
@@ -56,6 +70,35 @@ def claim_next(
     }
     db.execute(queries.claim_pending(parent is not None), params)
     return db.all(queries.claimed_items(), {"claimer": claimer})
+
+
+def take_ack_slot(db: Db, acks: AckFile, claimer: str) -> int | None:
+    """A slot of the ack file for ``claimer``'s progress (None: commit each removal)."""
+    holding = [row[0] for row in db.all(queries.claimers())]
+    return acks.take_slot(claimer, holding)
+
+
+def settle(db: Db, claimer: str, merged_upto: int) -> None:
+    """End ``claimer``'s hold: remove its items up to ``merged_upto``, free the rest."""
+    if merged_upto:
+        db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": merged_upto})
+    db.execute(queries.release_claims(), {"claimer": claimer})
+
+
+def release_gone_claims(db: Db, me: OwnerIdentity, acks: AckFile | None) -> None:
+    """Settle the items of drains of other handlers that are gone (at open: so a new
+    handler's ``size`` does not count what a killed drain had merged)."""
+    _release_dead_claims(db, me, (), utc_now_text(), acks)
+
+
+def remove_merged_of_owner(db: Db, owner_id: str, acks: AckFile | None) -> None:
+    """Remove the items the drains of gone owner ``owner_id`` recorded as merged."""
+    if acks is None:
+        return
+    for (claimer,) in db.all(queries.claimers_of_owner(), {"prefix": owner_id + "/%"}):
+        merged = acks.acknowledged(claimer)
+        if merged:
+            db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": merged})
 
 
 def acknowledge(claimer: str, seq: int, db: Db) -> None:
@@ -76,10 +119,12 @@ def any_free_item(db: Db, me: OwnerIdentity, live: Collection[str]) -> bool:
     return bool(_gone_claimers(db, me, live, utc_now_text()))
 
 
-def _release_dead_claims(db: Db, me: OwnerIdentity, live: Collection[str], now: str) -> None:
+def _release_dead_claims(
+    db: Db, me: OwnerIdentity, live: Collection[str], now: str, acks: AckFile | None
+) -> None:
     for claimer, reason in _gone_claimers(db, me, live, now):
         logger.warning("released pending items held by a gone drain (%s)", reason)
-        db.execute(queries.release_claims(), {"claimer": claimer})
+        settle(db, claimer, acks.acknowledged(claimer) if acks is not None else 0)
 
 
 def _gone_claimers(

@@ -37,11 +37,14 @@ __all__ = [
     "TaskRow",
     "acknowledge_all_claimed",
     "acknowledge_claimed",
+    "acknowledge_claimed_upto",
     "claim_pending",
     "claimed_items",
     "claimers",
+    "claimers_of_owner",
     "close_owner",
     "complete_task",
+    "count_claimed_upto",
     "count_pending",
     "delete_owner",
     "enqueue",
@@ -193,6 +196,16 @@ def enqueue() -> Insert:
 def count_pending() -> AnySelect:
     """Number of queued tasks."""
     return select(func.count()).select_from(pending)
+
+
+@cache
+def count_claimed_upto() -> AnySelect:
+    """Number of items ``:claimer`` holds up to ``:seq``."""
+    return (
+        select(func.count())
+        .select_from(pending)
+        .where(pending.c.claimed_by == bindparam("claimer"), pending.c.seq <= bindparam("seq"))
+    )
 
 
 @cache
@@ -353,6 +366,24 @@ def acknowledge_claimed() -> Delete:
     """Remove one item ``:claimer`` holds (its merge is done)."""
     return delete(pending).where(
         pending.c.seq == bindparam("seq"), pending.c.claimed_by == bindparam("claimer")
+    )
+
+
+@cache
+def acknowledge_claimed_upto() -> Delete:
+    """Remove the items ``:claimer`` holds up to ``:seq`` (merged, in enqueue order)."""
+    return delete(pending).where(
+        pending.c.claimed_by == bindparam("claimer"), pending.c.seq <= bindparam("seq")
+    )
+
+
+@cache
+def claimers_of_owner() -> AnySelect:
+    """The distinct drains of one owner (``:prefix`` is ``<owner_id>/%``) holding items."""
+    return (
+        select(pending.c.claimed_by)
+        .where(pending.c.claimed_by.like(bindparam("prefix")))
+        .distinct()
     )
 
 

@@ -19,6 +19,7 @@ import weakref
 from collections import deque
 from collections.abc import Collection
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -35,7 +36,15 @@ from orbiter.errors import (
 )
 from orbiter.migrate import ensure_schema
 from orbiter.store import CommittedThenCancelled, PendingDrain, fork_gate, queries
-from orbiter.store.claims import acknowledge, any_free_item, claim_next
+from orbiter.store.claims import (
+    acknowledge,
+    any_free_item,
+    claim_next,
+    release_gone_claims,
+    remove_merged_of_owner,
+    settle,
+    take_ack_slot,
+)
 from orbiter.store.codec import (
     Codec,
     encode_value,
@@ -43,6 +52,7 @@ from orbiter.store.codec import (
     utc_now_text,
     utf8_size,
 )
+from orbiter.store.drain_acks import AckFile, claimer_key
 from orbiter.store.engine import (
     DatabaseTarget,
     Synchronous,
@@ -69,8 +79,9 @@ __all__ = ["SqlStore"]
 logger = logging.getLogger(__name__)
 
 #: Items a drain claims per query: bounds its memory whatever the queue's length, and
-#: lets concurrent drains share a long queue.
-DRAIN_BATCH = 100
+#: lets concurrent drains share a long queue. The items it merged are deleted in bulk
+#: in its next claim (until then, the ack file records them: see ``drain_acks.py``).
+DRAIN_BATCH = 500
 
 #: A claim only keeps other live drains away from items; after a power loss every drain
 #: is gone anyway, so a claim commits process-crash-safe (no fsync at FULL), like an
@@ -121,6 +132,9 @@ class SqlStore:
         #: This handler's drains that hold (or may claim) items; the claims of any other
         #: drain of this handler are left over, and the next claim frees them.
         self._live_claimers: set[str] = set()
+        #: Drains of this handler whose merged items (up to the seq) may still be rows:
+        #: the ack file records them, their next claim deletes them; ``size`` skips them.
+        self._merged_upto: dict[str, int] = {}
         self._target = target
         self._where = target.describe()
         self._codec = codec
@@ -132,6 +146,8 @@ class SqlStore:
         #: Task objects this handler has finished so far: a read that sees it move knows
         #: its rows may be older than an object it would update (see ``_task_from_row``).
         self._finished_count = 0
+        #: Where this handler's drains record how far they got (None: not a file).
+        self._acks = None if target.path is None else AckFile(Path(f"{target.path}-acks"))
         if target.path is not None:
             refuse_if_unsafe_after_fork(str(target.path))
         # A fork waits until the open is done (see fork_gate.py).
@@ -141,7 +157,13 @@ class SqlStore:
         # Closes a handler that is dropped (or still open at exit) without close().
         self._shut = threading.Event()  # set once the shutdown below has finished
         self._finalizer = weakref.finalize(
-            self, _shut_down, self._worker, self._heartbeat, self.identity.owner_id, self._shut
+            self,
+            _shut_down,
+            self._worker,
+            self._heartbeat,
+            self.identity.owner_id,
+            self._acks,
+            self._shut,
         )
 
     # -- opening and errors --------------------------------------------------------
@@ -174,8 +196,16 @@ class SqlStore:
             synchronous=synchronous,
             name="orbiter-bg-commit",
         )
+        me, acks = self.identity, self._acks
+
+        def register(db: Db) -> None:
+            record_heartbeat(me, lease_timeout, db)
+            # What a killed drain had merged leaves the queue now, not at the next claim,
+            # so that this handler's first look at the queue does not count it.
+            release_gone_claims(db, me, acks)
+
         try:
-            worker.call(partial(record_heartbeat, self.identity, lease_timeout))
+            worker.call(register)
         except BaseException:
             worker.close()
             raise
@@ -382,14 +412,22 @@ class SqlStore:
         return [self._task_from_row(row[1:], finished) for row in rows]
 
     def pending_count(self) -> int:
-        count = self._worker.call(
-            lambda db: db.scalar(queries.count_pending()),
-            writes=False,
-        )
-        return int(count)
+        return self._worker.call(partial(_count_pending, self._merged_items()), writes=False)
 
     def has_pending(self) -> bool:
+        merged = self._merged_items()
+        if merged:  # the rows left may all be merged ones
+            return self._worker.call(partial(_count_pending, merged), writes=False) > 0
         return bool(self._worker.call(_any_pending, writes=False))
+
+    def _merged_items(self) -> list[tuple[str, int]]:
+        """This handler's drains that may hold merged rows not deleted yet, each with the
+        last item it merged."""
+        while True:
+            try:
+                return list(self._merged_upto.items())
+            except RuntimeError:  # changed by a finalizer on another thread: again
+                continue
 
     def iter_pending(self, parent_task_id: str | None) -> PendingDrain:
         claimer = self._new_claimer()
@@ -403,6 +441,7 @@ class SqlStore:
         """``claimer`` was dropped without freeing its items: the next claim frees them
         (no lock taken, so a garbage collector's finalizer may call this anywhere)."""
         self._live_claimers.discard(claimer)
+        self._merged_upto.pop(claimer, None)
 
     async def claim_batch(self, parent_task_id: str | None) -> tuple[str, list[BackgroundTask]]:
         """Claim every free pending item (of one parent), for an all-or-nothing merge."""
@@ -431,15 +470,18 @@ class SqlStore:
         else:
             await self._free_claims(claimer)
 
-    async def _free_claims(self, claimer: str) -> None:
-        """Free every item ``claimer`` holds: at once, and should that not happen (say the
-        drain is closed with no loop to run this), at the next claim."""
+    async def _free_claims(self, claimer: str, merged_upto: int = 0) -> None:
+        """Remove the items ``claimer`` merged (up to ``merged_upto``) and free the rest:
+        at once, and should that not happen (say the drain is closed with no loop to run
+        this), at the next claim (which reads what was merged from the ack file)."""
         self._live_claimers.discard(claimer)
-        if not self._worker.closed:
-            await self._worker.acall_to_end(
-                lambda db: db.execute(queries.release_claims(), {"claimer": claimer}),
-                relaxed=True,
-            )
+        try:
+            if not self._worker.closed:
+                await self._worker.acall_to_end(
+                    partial(settle, claimer=claimer, merged_upto=merged_upto), relaxed=True
+                )
+        finally:
+            self._merged_upto.pop(claimer, None)
 
     def _claim(
         self, claimer: str, parent: str | None, *, after: int, upto: int | None, limit: int
@@ -454,6 +496,7 @@ class SqlStore:
             after=after,
             upto=upto,
             limit=limit,
+            acks=self._acks,
         )
 
     def _new_claimer(self) -> str:
@@ -494,6 +537,7 @@ class SqlStore:
                 settled.extend((tuple(row), reason) for row in rows)
             for owner_id, row in owners_by_id.items():
                 if owner_id != me.owner_id and owner_gone_reason(row, me, now) is not None:
+                    remove_merged_of_owner(db, owner_id, self._acks)
                     forget_owner_if_unused(db, owner_id)
             return settled
 
@@ -544,7 +588,9 @@ class SqlStore:
 
 class _Drain:
     """One drain of the queue (``iter_pending``): claims items in batches, hands them out
-    in enqueue order, and removes each when the consumer asks for the next one.
+    in enqueue order, and removes each when the consumer asks for the next one: recorded
+    in the ack file at once, deleted from the queue with the next claim (or, without an
+    ack file, by a commit of its own).
 
     An async iterator rather than an async generator on purpose: asyncio finalizes a
     dropped async generator itself, so a drain dropped inside a reference cycle, together
@@ -561,6 +607,9 @@ class _Drain:
         self._claimed_after = 0  # the store's _finished_count when the batch was claimed
         self._held: int | None = None  # the item the consumer holds
         self._after = 0  # items up to this one are done
+        self._slot: int | None = None  # this drain's slot in the ack file, once claimed
+        self._key = claimer_key(claimer)  # its records' key there
+        self._use_acks = store._acks is not None  # False once the ack file failed
         self._started = False
         self._ended = False
         self._running = False  # in __anext__ (which one caller at a time may be)
@@ -574,8 +623,41 @@ class _Drain:
         if self._ended:
             raise StopAsyncIteration
         self._running = True
-        try:
-            return await self._next()
+        store = self._store
+        try:  # (one coroutine per item, not two: a drain's Python is most of its cost)
+            if not self._started:
+                self._started = True
+                self._upto = await store._worker.acall(_newest_pending, writes=False)
+                if self._upto is None:  # nothing to drain: nothing was claimed either
+                    self._ended = True
+                    store._live_claimers.discard(self._claimer)
+                    raise StopAsyncIteration
+            if self._held is not None:
+                # The consumer asked for the next item, so it has merged this one: remove
+                # it before handing out the next (process-crash safe; losing it to power
+                # loss means a redelivery, never a loss).
+                self._after, self._held = self._held, None
+                if not self._record_merged():
+                    await store._worker.acall(
+                        partial(acknowledge, self._claimer, self._after), relaxed=True
+                    )
+            if not self._batch:
+                rows, slot = await store._worker.acall(self._claim(), relaxed=CLAIMS_ARE_RELAXED)
+                self._batch.extend(rows)
+                if slot is not None:
+                    self._slot = slot
+                elif self._slot is None:
+                    self._use_acks = False
+                if not self._batch:
+                    await self._end()
+                    raise StopAsyncIteration
+            row = self._batch[0]
+            # The row was read when the batch was claimed: a task this handler finished
+            # since keeps what its object shows. (May fail, in a codec: the item stays.)
+            task = store._task_from_row(row[1:], self._claimed_after)
+            self._batch.popleft()
+            self._held = row[0]
+            return task
         except StopAsyncIteration:
             raise
         except BaseException:
@@ -592,39 +674,42 @@ class _Drain:
         finally:
             self._running = False
 
-    async def _next(self) -> BackgroundTask:
+    def _claim(self) -> Operation[tuple[list[TaskRow], int | None]]:
+        """The operation that removes the merged items and claims the next batch, taking
+        a slot of the ack file with the first one."""
         store = self._store
-        if not self._started:
-            self._started = True
-            self._upto = await store._worker.acall(_newest_pending, writes=False)
-            if self._upto is None:  # nothing to drain: nothing was claimed either
-                self._ended = True
-                store._live_claimers.discard(self._claimer)
-                raise StopAsyncIteration
-        if self._held is not None:
-            # The consumer asked for the next item, so it has merged this one: remove it
-            # before handing out the next (a process-crash-safe commit; losing it to
-            # power loss means a redelivery, never a loss).
-            self._after, self._held = self._held, None
-            await store._worker.acall(
-                partial(acknowledge, self._claimer, self._after), relaxed=True
+        claim = store._claim(
+            self._claimer, self._parent, after=self._after, upto=self._upto, limit=DRAIN_BATCH
+        )
+        acks = store._acks if self._use_acks and self._slot is None else None
+        claimer = self._claimer
+        self._claimed_after = store._finished_count
+
+        def claim_next_batch(db: Db) -> tuple[list[TaskRow], int | None]:
+            rows = claim(db)
+            return rows, take_ack_slot(db, acks, claimer) if acks and rows else None
+
+        return claim_next_batch
+
+    def _record_merged(self) -> bool:
+        """Record in the ack file that items up to ``_after`` are merged (False: there is
+        no slot, or the write failed, and a commit must remove the item instead)."""
+        acks = self._store._acks
+        if self._slot is None or acks is None:
+            return False
+        try:
+            acks.record(self._slot, self._key, self._after)
+            self._store._merged_upto[self._claimer] = self._after
+        except OSError as exc:
+            logger.warning(
+                "cannot write %s (%s): this drain commits each item's removal instead",
+                acks.path,
+                exc,
             )
-        if not self._batch:
-            claim = store._claim(
-                self._claimer, self._parent, after=self._after, upto=self._upto, limit=DRAIN_BATCH
-            )
-            self._claimed_after = store._finished_count
-            self._batch.extend(await store._worker.acall(claim, relaxed=CLAIMS_ARE_RELAXED))
-            if not self._batch:
-                await self._end()
-                raise StopAsyncIteration
-        row = self._batch[0]
-        # The row was read when the batch was claimed: a task this handler finished since
-        # keeps what its object shows. (May fail, in a codec: then the item stays.)
-        task = store._task_from_row(row[1:], self._claimed_after)
-        self._batch.popleft()
-        self._held = row[0]
-        return task
+            self._slot = None
+            self._use_acks = False
+            return False
+        return True
 
     async def aclose(self) -> None:
         """Stop: free every item still held (the one in hand is handed out again)."""
@@ -636,7 +721,7 @@ class _Drain:
         if self._ended:
             return
         self._ended = True
-        await self._store._free_claims(self._claimer)
+        await self._store._free_claims(self._claimer, self._after)
 
 
 def _newest_pending(db: Db) -> int | None:
@@ -647,8 +732,20 @@ def _any_pending(db: Db) -> bool:
     return bool(db.scalar(queries.has_pending()))
 
 
+def _count_pending(merged: list[tuple[str, int]], db: Db) -> int:
+    """Rows in the queue, less those ``merged`` drains merged and have not deleted yet."""
+    count = int(db.scalar(queries.count_pending()))
+    for claimer, seq in merged:
+        count -= int(db.scalar(queries.count_claimed_upto(), {"claimer": claimer, "seq": seq}))
+    return count
+
+
 def _shut_down(
-    worker: CommitWorker, heartbeat: Heartbeat, owner_id: str, done: threading.Event
+    worker: CommitWorker,
+    heartbeat: Heartbeat,
+    owner_id: str,
+    acks: AckFile | None,
+    done: threading.Event,
 ) -> None:
     """Stop the heartbeat, mark the owner closed (its running tasks become orphans that
     any process may settle at once), close the connection, then set ``done``. In a forked
@@ -661,7 +758,7 @@ def _shut_down(
         # it cannot wait for itself, so another thread does the closing.
         threading.Thread(
             target=_shut_down,
-            args=(worker, heartbeat, owner_id, done),
+            args=(worker, heartbeat, owner_id, acks, done),
             name="orbiter-bg-close",
         ).start()
         return
@@ -670,6 +767,8 @@ def _shut_down(
         with contextlib.suppress(BackgroundTaskError):
             worker.call(partial(close_owner, owner_id))
         worker.close()
+        if acks is not None:
+            acks.close()
     finally:
         done.set()
 
