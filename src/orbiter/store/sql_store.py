@@ -63,6 +63,7 @@ from orbiter.store.engine import (
 from orbiter.store.executor import Db
 from orbiter.store.finish import Finish
 from orbiter.store.heartbeat import Heartbeat
+from orbiter.store.held_tasks import HeldTasks
 from orbiter.store.owner import (
     OwnerIdentity,
     close_owner,
@@ -140,9 +141,7 @@ class SqlStore:
         self._codec = codec
         self._max_value_bytes = max_value_bytes
         self._poll_interval = poll_interval
-        self._tasks: weakref.WeakValueDictionary[str, BackgroundTask] = (
-            weakref.WeakValueDictionary()
-        )
+        self._tasks = HeldTasks()
         #: Task objects this handler has finished so far: a read that sees it move knows
         #: its rows may be older than an object it would update (see ``_task_from_row``).
         self._finished_count = 0
