@@ -51,7 +51,9 @@ def make_db(db: Path) -> list[str]:
 
 def test_requeue_killed_before_its_commit_changes_nothing(db_path: Path) -> None:
     make_db(db_path)
-    child = start("cli", str(db_path), "commit:1:INSERT INTO pending_queue", "requeue", "done")
+    child = start(
+        "cli", str(db_path), "traced-commit:1:INSERT INTO pending_queue", "requeue", "done"
+    )
     read_until(child, "hanging before commit")
     kill(child)
     assert integrity(db_path) == "ok"

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
@@ -50,9 +51,11 @@ from orbiter.cli_render import (
     tasks_table,
 )
 from orbiter.store import admin_queries as q
+from orbiter.store.claims import enqueue
 from orbiter.store.codec import utc_now_text
+from orbiter.store.drain_acks import AckFile
 from orbiter.store.engine import ENV_VAR
-from orbiter.store.queries import enqueue
+from orbiter.store.executor import Db
 from orbiter.store.schema import HEAD_REVISION
 from orbiter.types import OrbiterError
 
@@ -512,14 +515,19 @@ def cmd_requeue(args: argparse.Namespace, out: Console) -> int:
         state = connection.execute(q.task_queue_state(), {"id": args.task_id}).first()
         if state is None:
             raise CliError(f"no task {args.task_id!r} in {target.describe()}")
-        status, queued = state
+        status, _ = state
         if status != "success":
             raise CliError(
                 f"task {args.task_id!r} is {status}; only a task that finished with "
                 "status success can be requeued"
             )
-        if not queued:
-            connection.execute(enqueue(), {"task_id": args.task_id, "now": utc_now_text()})
+        # As a handler's push does: an item a drain has merged (not deleted yet) goes.
+        acks = AckFile(Path(f"{target.path}-acks"))
+        try:
+            raw = connection.connection.driver_connection  # the transaction begun above
+            queued = not enqueue(Db(raw), args.task_id, acks)  # type: ignore[arg-type]
+        finally:
+            acks.close()
     if args.json:
         emit_json(
             {"task_id": args.task_id, "requeued": not queued, "already_pending": bool(queued)}

@@ -7,6 +7,7 @@ flush, so the parent can SIGKILL this process right after a given call returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -219,6 +220,41 @@ def restore_hold(db: str, parent: str) -> None:
             hang()
 
     asyncio.run(run())
+
+
+def drain_in_failed_batch(db: str, hold_at: str) -> None:
+    """Drain, the first claim sharing a batch with another caller's operation that fails
+    (the worker rolls the batch back and runs each operation alone); hold item
+    ``hold_at`` and wait to be killed."""
+
+    def fails(db: object) -> None:
+        raise ValueError("another caller's operation failed")
+
+    async def run() -> None:
+        handler = BackgroundTaskHandler(database=db)
+        worker = handler._store._worker  # type: ignore[attr-defined]
+        worker.submit(lambda db: time.sleep(0.3))  # the commit thread is busy meanwhile
+        drain = handler.drain_pending()
+        first = asyncio.ensure_future(anext(drain))  # its claim queues behind the sleep
+        await asyncio.sleep(0.1)
+        with contextlib.suppress(ValueError):
+            await worker.acall(fails)  # queued after the claim: the same batch
+        task = await first
+        for _ in range(int(hold_at)):
+            task = await anext(drain)
+        say("holding", task.task_id)
+        hang()
+
+    asyncio.run(run())
+
+
+def push_again(db: str, task_id: str) -> None:
+    """Push a finished task back onto the queue from a handler of this process."""
+    with BackgroundTaskHandler(database=db) as handler:
+        task = handler.get_task(task_id)
+        assert task is not None
+        handler.pending_queue.push(task)
+    say("pushed")
 
 
 def open_race(db: str) -> None:

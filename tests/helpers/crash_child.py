@@ -2,8 +2,9 @@
 (flushed), and hangs at a chosen moment so the parent can SIGKILL it right there.
 
 Usage: crash_child.py COMMAND DB [ARGS...]. Some commands take a SQL hook, ``after:N:TEXT``
-(hang right after the N-th statement containing TEXT has run, inside its transaction) or
-``commit:N:TEXT`` (hang at the commit that follows it, before it reaches SQLite).
+(hang right after the N-th statement containing TEXT has run, inside its transaction),
+``commit:N:TEXT`` (hang at the commit that follows it, before it reaches SQLite), or
+``traced-commit:N:TEXT`` (the same, counting what SQLite itself runs: see below).
 """
 
 from __future__ import annotations
@@ -53,6 +54,24 @@ def hang_on_sql(hook: str) -> None:
         if where == "commit" and seen[0] == int(nth):
             say("hanging before commit")
             hang()
+
+    # Statements run on the sqlite3 connection itself (the store's executor, which the
+    # CLI's requeue uses) bypass SQLAlchemy's events: SQLite's trace sees them, and the
+    # COMMIT, which it reports before running it. (It counts each row of an executemany.)
+    traced = [0]
+
+    def count(statement: str) -> None:
+        if marker in statement:
+            traced[0] += 1
+        elif statement == "COMMIT" and traced[0] == int(nth):
+            say("hanging before commit")
+            hang()
+
+    if where == "traced-commit":  # (an aiosqlite connection has no trace: not there)
+
+        @event.listens_for(Engine, "connect")
+        def connect(dbapi_connection: Any, record: Any) -> None:
+            dbapi_connection.set_trace_callback(count)
 
 
 COMMIT_DELAY = {"seconds": 0.0}
@@ -274,7 +293,7 @@ def cli(db: str, hook: str, *argv: str) -> None:
     printed) or ``-`` (none)."""
     import orbiter.cli as command
 
-    if hook.startswith(("after:", "commit:")):
+    if hook.startswith(("after:", "commit:", "traced-commit:")):
         hang_on_sql(hook)
     elif hook == "output":
 

@@ -12,6 +12,7 @@ operation for the commit worker: it runs inside the worker's transaction, on ``d
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ __all__ = [
     "acknowledge",
     "any_free_item",
     "claim_next",
+    "enqueue",
+    "merged_upto",
     "release_gone_claims",
     "remove_merged_of_owner",
     "settle",
@@ -73,16 +76,55 @@ def claim_next(
 
 
 def take_ack_slot(db: Db, acks: AckFile, claimer: str) -> int | None:
-    """A slot of the ack file for ``claimer``'s progress (None: commit each removal)."""
-    holding = [row[0] for row in db.all(queries.claimers())]
-    return acks.take_slot(claimer, holding)
+    """A slot of the ack file for ``claimer``, which holds items (None: the file cannot be
+    used, and the drain commits each removal). Taken in this transaction: should it roll
+    back, the slot was never taken."""
+    slot: int | None = db.scalar(queries.slot_of_claimer(), {"claimer": claimer})
+    if slot is not None:  # taken earlier in this transaction (a batch retried)
+        return slot
+    if not acks.usable():
+        return None
+    db.execute(queries.free_idle_slots())
+    taken = {row[0] for row in db.all(queries.taken_slots())}
+    slot = next(number for number in itertools.count() if number not in taken)
+    db.execute(queries.take_slot(), {"slot": slot, "claimer": claimer})
+    return slot
+
+
+def merged_upto(db: Db, acks: AckFile | None, claimer: str) -> int:
+    """The last item ``claimer`` recorded as merged in the ack file (0: none)."""
+    if acks is None:
+        return 0
+    slot = db.scalar(queries.slot_of_claimer(), {"claimer": claimer})
+    return 0 if slot is None else acks.merged_upto(claimer, slot)
 
 
 def settle(db: Db, claimer: str, merged_upto: int) -> None:
-    """End ``claimer``'s hold: remove its items up to ``merged_upto``, free the rest."""
+    """End ``claimer``'s hold: remove its items up to ``merged_upto``, free the rest and
+    its slot."""
     if merged_upto:
         db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": merged_upto})
     db.execute(queries.release_claims(), {"claimer": claimer})
+    db.execute(queries.free_slot(), {"claimer": claimer})
+
+
+def enqueue(db: Db, task_id: str, acks: AckFile | None) -> bool:
+    """Queue ``task_id`` for a wake-up merge; False if it is queued already. A row a
+    drain has merged but not deleted yet does not count: it goes, and a new row (a new
+    place at the end of the queue) comes, or the drain would delete the new result."""
+    params = {"task_id": task_id, "now": db.now}
+    if db.changes(queries.enqueue(), params):
+        return True
+    row = db.first(queries.pending_item_of_task(), {"task_id": task_id})
+    if row is None:
+        return False
+    seq, claimer = row
+    if claimer is None or seq > merged_upto(db, acks, claimer):
+        return False  # free, or claimed and not merged: still to be delivered (but see
+        # README: a push of the very item a consumer holds is absorbed, as it always was)
+    db.execute(queries.delete_pending_item(), {"seq": seq})
+    db.execute(queries.enqueue(), params)
+    return True
 
 
 def release_gone_claims(db: Db, me: OwnerIdentity, acks: AckFile | None) -> None:
@@ -96,7 +138,7 @@ def remove_merged_of_owner(db: Db, owner_id: str, acks: AckFile | None) -> None:
     if acks is None:
         return
     for (claimer,) in db.all(queries.claimers_of_owner(), {"prefix": owner_id + "/%"}):
-        merged = acks.acknowledged(claimer)
+        merged = merged_upto(db, acks, claimer)
         if merged:
             db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": merged})
 
@@ -124,7 +166,7 @@ def _release_dead_claims(
 ) -> None:
     for claimer, reason in _gone_claimers(db, me, live, now):
         logger.warning("released pending items held by a gone drain (%s)", reason)
-        settle(db, claimer, acks.acknowledged(claimer) if acks is not None else 0)
+        settle(db, claimer, merged_upto(db, acks, claimer))
 
 
 def _gone_claimers(

@@ -2,7 +2,7 @@
 
 A drain removes an item from the queue once the consumer asks for the next one, and the
 removal must outlive a killed process. Committing a ``DELETE`` per item costs a SQLite
-commit each (about 30 us); writing "done up to item *seq*" into this file costs one
+commit each (about 30 us); writing "merged up to item *seq*" into this file costs one
 ``pwrite`` (about 1 us) and outlives the process just as well: the kernel holds the
 written page, whatever happens to the process after the call returns. The drain deletes
 the items it recorded in bulk, inside its next claim's transaction and when it ends, and
@@ -10,15 +10,16 @@ whoever frees the items of a drain that died (see ``claims.py``) first deletes t
 record says were merged.
 
 The file is an array of 32-byte slots, each holding one record: the drain's key (a hash
-of its claimer name), the last ``seq`` it acknowledged, and a check word. A drain takes a
-slot in the transaction of its first claim, while it holds SQLite's write lock: a slot
-is free unless its record belongs to a drain that holds items. A record is valid only for
-the drain whose key it carries, so a slot's earlier owner never leaks into the next one.
+of its claimer name), the last ``seq`` it merged, and a check word. Which drain owns which
+slot is kept in the database (table ``drain_slots``), taken in the transaction of the
+drain's first claim, so a claim that rolls back takes no slot; the drain writes its slot
+only after that claim committed. A record counts only for the drain whose key it carries,
+so what a slot's earlier owner left there never passes for the new owner's progress.
 
 What it does not cover: the file is not fsynced, so after a power loss (or a copy of the
 database without it) items merged since their drain's last claim may be delivered again
 (at-least-once, as for the item in hand), never lost. A file that cannot be opened
-makes drains commit each removal instead (``None`` from :meth:`AckFile.take_slot`).
+makes drains commit each removal instead (:meth:`AckFile.usable` is False).
 """
 
 from __future__ import annotations
@@ -26,18 +27,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import struct
 import threading
-from collections.abc import Collection
+import weakref
 from pathlib import Path
+from struct import Struct
 
-__all__ = ["AckFile", "claimer_key"]
+__all__ = ["SLOT_BYTES", "AckFile", "claimer_key"]
 
 logger = logging.getLogger(__name__)
 
-_RECORD = struct.Struct("<QqQ")  # key, acknowledged seq, check
+_RECORD = Struct("<QqQ")  # key, merged seq, check
 SLOT_BYTES = 32  # a record per slot, never across a page boundary
 _MAGIC = 0x6F7262697465722D  # b"orbiter-": a zeroed or foreign slot does not check out
+
+#: Every AckFile with a descriptor open, so a forked child can drop its copies.
+_OPEN: weakref.WeakSet[AckFile] = weakref.WeakSet()
 
 
 def claimer_key(claimer: str) -> int:
@@ -46,15 +50,11 @@ def claimer_key(claimer: str) -> int:
     return int.from_bytes(digest.digest(), "little") | 1
 
 
-def _pack(key: int, seq: int) -> bytes:
-    return _RECORD.pack(key, seq, key ^ seq ^ _MAGIC)  # seq >= 0: enqueue numbers
-
-
 class AckFile:
     """The ``<db>-acks`` file of one database, opened on first use.
 
-    :meth:`take_slot`, :meth:`acknowledged` run on the commit worker, inside its
-    transaction; :meth:`record` runs wherever the drain runs.
+    :meth:`usable` and :meth:`merged_upto` run on the commit worker; :meth:`record`
+    wherever the drain runs.
     """
 
     def __init__(self, path: Path) -> None:
@@ -73,26 +73,18 @@ class AckFile:
                     if create:
                         raise
                     return None
+                _OPEN.add(self)
             return self._fd
 
-    def take_slot(self, claimer: str, holding: Collection[str]) -> int | None:
-        """Give ``claimer`` a slot no drain in ``holding`` (those that hold items) uses,
-        recorded as having acknowledged nothing; None if the file cannot be used."""
+    def usable(self) -> bool:
+        """Whether drains can record here (the file opens, created if need be)."""
         try:
-            fd = self._open(create=True)
-            if fd is None:
-                return None
-            keys = {claimer_key(other) for other in holding}
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
-            count = _slot_count(data)
-            slot = next((i for i in range(count) if _valid_key(data, i) not in keys), count)
-            os.pwrite(fd, _pack(claimer_key(claimer), 0), slot * SLOT_BYTES)
+            return self._open(create=True) is not None
         except OSError as exc:
             logger.warning(
                 "cannot use %s (%s): drains commit each item's removal instead", self.path, exc
             )
-            return None
-        return slot
+            return False
 
     def record(self, slot: int, key: int, seq: int) -> None:
         """Record that the drain with ``key`` in ``slot`` merged every item up to ``seq``
@@ -100,23 +92,22 @@ class AckFile:
         with self._lock:  # not while close() hands the descriptor back
             if self._fd is None:
                 raise OSError(f"{self.path} is closed")
-            os.pwrite(self._fd, _pack(key, seq), slot * SLOT_BYTES)
+            os.pwrite(self._fd, _RECORD.pack(key, seq, key ^ seq ^ _MAGIC), slot * SLOT_BYTES)
 
-    def acknowledged(self, claimer: str) -> int:
-        """The last ``seq`` ``claimer`` recorded as merged (0: none, or none readable)."""
+    def merged_upto(self, claimer: str, slot: int) -> int:
+        """The last ``seq`` ``claimer`` recorded in ``slot`` (0: none, or unreadable)."""
         try:
             fd = self._open(create=False)
-            if fd is None:
-                return 0
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            data = b"" if fd is None else os.pread(fd, _RECORD.size, slot * SLOT_BYTES)
         except OSError as exc:
             logger.warning("cannot read %s (%s): a drain's progress is lost", self.path, exc)
             return 0
-        key = claimer_key(claimer)
-        for slot in range(_slot_count(data)):
-            if _valid_key(data, slot) == key:
-                return int(_RECORD.unpack_from(data, slot * SLOT_BYTES)[1])
-        return 0
+        if len(data) < _RECORD.size:
+            return 0
+        key, seq, check = _RECORD.unpack(data)
+        if key != claimer_key(claimer) or check != key ^ seq ^ _MAGIC:
+            return 0  # not written yet, another drain's, or torn
+        return int(seq)
 
     def close(self) -> None:
         """Close the file (drains of a closed handler write nothing more)."""
@@ -126,18 +117,19 @@ class AckFile:
         if fd is not None:
             os.close(fd)
 
+    def _forget_in_forked_child(self) -> None:
+        # The parent's drains own this descriptor: the child's copy writes nothing. (A
+        # lock another thread held at the fork stays held in the child: a new one.)
+        self._lock = threading.Lock()
+        self._closed = True
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
-def _slot_count(data: bytes) -> int:
-    """Slots in the file's ``data`` (the last one holds a record but no padding)."""
-    return -(-len(data) // SLOT_BYTES)
+
+def _after_fork_in_child() -> None:
+    for acks in list(_OPEN):
+        acks._forget_in_forked_child()  # pyright: ignore[reportPrivateUsage]
 
 
-def _valid_key(data: bytes, slot: int) -> int | None:
-    """The key of the record in ``slot``, or None if the slot holds no valid record."""
-    offset = slot * SLOT_BYTES
-    if offset + _RECORD.size > len(data):
-        return None
-    key, seq, check = _RECORD.unpack_from(data, offset)
-    if key == 0 or check != key ^ seq ^ _MAGIC:  # (a negative seq never checks out)
-        return None
-    return int(key)
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     delete,
     exists,
     func,
+    insert,
     literal,
     literal_column,
     select,
@@ -29,7 +30,7 @@ from sqlalchemy.dialects.sqlite import Insert as SqliteInsert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from orbiter.store.schema import background_tasks as tasks
-from orbiter.store.schema import owners
+from orbiter.store.schema import drain_slots, owners
 from orbiter.store.schema import pending_queue as pending
 
 __all__ = [
@@ -47,8 +48,11 @@ __all__ = [
     "count_claimed_upto",
     "count_pending",
     "delete_owner",
+    "delete_pending_item",
     "enqueue",
     "fail_task",
+    "free_idle_slots",
+    "free_slot",
     "has_free_pending",
     "has_pending",
     "insert_pushed_task",
@@ -56,6 +60,7 @@ __all__ = [
     "max_pending_seq",
     "owner_has_active_tasks",
     "owners_of_active_tasks",
+    "pending_item_of_task",
     "record_heartbeat",
     "release_claims",
     "release_claims_of_owner",
@@ -63,6 +68,9 @@ __all__ = [
     "select_task",
     "select_tasks",
     "settle_orphans",
+    "slot_of_claimer",
+    "take_slot",
+    "taken_slots",
     "task_status",
 ]
 
@@ -385,6 +393,51 @@ def claimers_of_owner() -> AnySelect:
         .where(pending.c.claimed_by.like(bindparam("prefix")))
         .distinct()
     )
+
+
+@cache
+def pending_item_of_task() -> AnySelect:
+    """The queue row (``seq``, ``claimed_by``) of task ``:task_id``, if it is queued."""
+    return select(pending.c.seq, pending.c.claimed_by).where(
+        pending.c.task_id == bindparam("task_id")
+    )
+
+
+@cache
+def delete_pending_item() -> Delete:
+    """Remove queue row ``:seq``."""
+    return delete(pending).where(pending.c.seq == bindparam("seq"))
+
+
+@cache
+def slot_of_claimer() -> AnySelect:
+    """The ack-file slot of drain ``:claimer`` (no row: none)."""
+    return select(drain_slots.c.slot).where(drain_slots.c.claimer == bindparam("claimer"))
+
+
+@cache
+def taken_slots() -> AnySelect:
+    """Every ack-file slot taken."""
+    return select(drain_slots.c.slot)
+
+
+@cache
+def free_idle_slots() -> Delete:
+    """Give back the slots of drains that hold no item (ended, or settled by another)."""
+    holding = select(pending.c.claimed_by).where(pending.c.claimed_by.is_not(None))
+    return delete(drain_slots).where(drain_slots.c.claimer.not_in(holding))
+
+
+@cache
+def take_slot() -> Insert:
+    """Give ack-file slot ``:slot`` to drain ``:claimer``."""
+    return insert(drain_slots).values(slot=bindparam("slot"), claimer=bindparam("claimer"))
+
+
+@cache
+def free_slot() -> Delete:
+    """Give back the slot of drain ``:claimer``."""
+    return delete(drain_slots).where(drain_slots.c.claimer == bindparam("claimer"))
 
 
 @cache

@@ -28,6 +28,7 @@ __all__ = [
     "HEAD_REVISION",
     "KNOWN_REVISIONS",
     "background_tasks",
+    "drain_slots",
     "metadata",
     "owners",
     "pending_queue",
@@ -35,7 +36,7 @@ __all__ = [
 
 #: Alembic revisions this code knows, oldest first; the last one is the schema it needs.
 #: ``tests/test_migrations.py`` checks these against ``migrations/versions``.
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005")
 HEAD_REVISION: str = KNOWN_REVISIONS[-1]
 
 metadata = MetaData(
@@ -96,6 +97,16 @@ Index(
     "ix_pending_queue_claimed_by",
     pending_queue.c.claimed_by,
     sqlite_where=pending_queue.c.claimed_by.is_not(None),
+)
+
+drain_slots = Table(
+    "drain_slots",
+    metadata,
+    # A drain's slot in the <db>-acks file (store/drain_acks.py), taken in the transaction
+    # of its first claim and given back with its last item, so a rolled-back claim takes
+    # none. A slot whose drain (claimer) holds no item is free.
+    Column("slot", Integer, primary_key=True, autoincrement=False),
+    Column("claimer", String, nullable=False, unique=True),
 )
 
 owners = Table(

@@ -40,6 +40,7 @@ from orbiter.store.claims import (
     acknowledge,
     any_free_item,
     claim_next,
+    enqueue,
     release_gone_claims,
     remove_merged_of_owner,
     settle,
@@ -383,10 +384,12 @@ class SqlStore:
             "owner_id": self.identity.owner_id,
         }
 
+        acks = self._acks
+
         def push(db: Db) -> None:
             params["now"] = db.now
             db.execute(queries.insert_pushed_task(), params)
-            db.execute(queries.enqueue(), {"task_id": params["task_id"], "now": db.now})
+            enqueue(db, task.task_id, acks)
 
         self._worker.call(push)
         # The object submit/get_task handed out stays the one this handler updates.
@@ -635,6 +638,9 @@ class _Drain:
                 # The consumer asked for the next item, so it has merged this one: remove
                 # it before handing out the next (process-crash safe; losing it to power
                 # loss means a redelivery, never a loss).
+                # (A call that needs no commit must still refuse a closed handler, or a
+                # forked child's copy, which would write into its parent's ack slot.)
+                store._worker.refuse_if_closed()
                 self._after, self._held = self._held, None
                 if not self._record_merged():
                     await store._worker.acall(

@@ -350,6 +350,11 @@ class CommitWorker:
         self._thread.start()
         _OPEN_WORKERS.add(self)
 
+    def refuse_if_closed(self) -> None:
+        """Raise :class:`HandlerClosedError` if the worker is closed (or a forked copy)."""
+        if self._closed:
+            raise self._closed_error()
+
     def _closed_error(self) -> HandlerClosedError:
         if self._forked:
             return HandlerClosedError(
