@@ -24,7 +24,7 @@ from orbiter._internal.background import BackgroundTaskHandler
 from orbiter.errors import HandlerClosedError
 from orbiter.store import sql_store
 from orbiter.store.claims import take_ack_slot
-from orbiter.store.drain_acks import SLOT_BYTES, AckFile, claimer_key
+from orbiter.store.drain_acks import HALF_BYTES, SLOT_BYTES, AckFile, claimer_key
 from orbiter.store.executor import Db
 from tests.conftest import run_helper
 from tests.test_crash import inspect, kill, read_until, start_child
@@ -202,7 +202,7 @@ def test_a_rolled_back_claim_takes_no_slot_and_writes_nothing(db_path: Path) -> 
         raw.execute("ROLLBACK")
         acks.close()
         assert raw.execute("SELECT count(*) FROM drain_slots").fetchone()[0] == 0
-    assert acks_path(db_path).read_bytes() == b""  # a slot is written by the drain only
+    assert not any(acks_path(db_path).read_bytes())  # only the drain writes its slot
     assert inspect(db_path, "--drain")["drained"] == ids
 
 
@@ -238,29 +238,50 @@ def test_requeue_and_push_of_merged_items_while_the_drain_holds_a_later_one(
 
 def test_a_record_counts_for_its_own_drain_only(tmp_path: Path) -> None:
     acks = AckFile(tmp_path / "x.db-acks")
-    assert acks.usable()
-    acks.record(0, claimer_key("a/1"), 41)
-    acks.record(2, claimer_key("b/1"), 7)
+    assert acks.prepare(0) and acks.prepare(2)
+    acks.record(0, claimer_key("a/1"), 41, 0)
+    acks.record(2, claimer_key("b/1"), 7, 1)
     assert acks.merged_upto("a/1", 0) == 41
     assert acks.merged_upto("b/1", 2) == 7
     assert acks.merged_upto("b/2", 2) == 0  # b/2 now owns slot 2: b/1's record is not its
-    assert acks.merged_upto("a/1", 1) == 0  # a slot never written (a hole)
-    assert acks.merged_upto("a/1", 9) == 0  # past the end
+    assert acks.merged_upto("a/1", 1) == 0  # a slot never written (zeros)
+    assert acks.merged_upto("a/1", 99) == 0  # past the end
     assert AckFile(tmp_path / "x.db-acks").merged_upto("a/1", 0) == 41  # another reader
     acks.close()
 
 
-def test_a_torn_record_counts_as_nothing_merged(tmp_path: Path) -> None:
+def test_a_torn_record_leaves_the_one_before_it(tmp_path: Path) -> None:
     path = tmp_path / "x.db-acks"
     acks = AckFile(path)
-    assert acks.usable()
-    acks.record(0, claimer_key("a/1"), 99)
+    assert acks.prepare(0)
+    key = claimer_key("a/1")
+    acks.record(0, key, 98, 0)
+    acks.record(0, key, 99, 1)
+    assert acks.merged_upto("a/1", 0) == 99
+    acks.close()
     data = bytearray(path.read_bytes())
-    data[8:10] = b"\xff\xff"  # half of a new seq written, the rest of the record old
+    data[HALF_BYTES + 8 : HALF_BYTES + 10] = b"\xff\xff"  # killed while copying 99's seq
     path.write_bytes(bytes(data))
-    assert AckFile(path).merged_upto("a/1", 0) == 0
+    assert AckFile(path).merged_upto("a/1", 0) == 98
     path.write_bytes(os.urandom(SLOT_BYTES))
     assert AckFile(path).merged_upto("a/1", 0) == 0
+
+
+def test_the_file_grows_by_zeroed_pages_and_never_shrinks(tmp_path: Path) -> None:
+    path = tmp_path / "x.db-acks"
+    acks = AckFile(path)
+    assert acks.prepare(0)
+    page = path.stat().st_size
+    assert page > 0 and path.read_bytes() == bytes(page)
+    acks.record(0, claimer_key("a/1"), 5, 0)
+    slot = page // SLOT_BYTES  # the first slot of the second page
+    assert acks.prepare(slot)
+    assert path.stat().st_size == 2 * page
+    acks.record(slot, claimer_key("b/1"), 6, 0)
+    assert acks.merged_upto("a/1", 0) == 5
+    assert acks.merged_upto("b/1", slot) == 6
+    assert acks.prepare(0)
+    assert path.stat().st_size == 2 * page
     acks.close()
 
 
@@ -270,13 +291,13 @@ def test_no_file_means_nothing_merged_and_none_is_created_by_reading(tmp_path: P
     assert not path.exists()
 
 
-def test_a_file_that_cannot_be_made_is_not_usable(
+def test_a_file_that_cannot_be_made_is_refused(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     path = tmp_path / "x.db-acks"
     path.mkdir()
     with caplog.at_level(logging.WARNING):
-        assert not AckFile(path).usable()
+        assert not AckFile(path).prepare(0)
     assert "commit each item's removal instead" in caplog.text
 
 

@@ -82,11 +82,11 @@ def take_ack_slot(db: Db, acks: AckFile, claimer: str) -> int | None:
     slot: int | None = db.scalar(queries.slot_of_claimer(), {"claimer": claimer})
     if slot is not None:  # taken earlier in this transaction (a batch retried)
         return slot
-    if not acks.usable():
-        return None
     db.execute(queries.free_idle_slots())
     taken = {row[0] for row in db.all(queries.taken_slots())}
     slot = next(number for number in itertools.count() if number not in taken)
+    if not acks.prepare(slot):
+        return None
     db.execute(queries.take_slot(), {"slot": slot, "claimer": claimer})
     return slot
 

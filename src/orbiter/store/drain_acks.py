@@ -2,45 +2,52 @@
 
 A drain removes an item from the queue once the consumer asks for the next one, and the
 removal must outlive a killed process. Committing a ``DELETE`` per item costs a SQLite
-commit each (about 30 us); writing "merged up to item *seq*" into this file costs one
-``pwrite`` (about 1 us) and outlives the process just as well: the kernel holds the
-written page, whatever happens to the process after the call returns. The drain deletes
-the items it recorded in bulk, inside its next claim's transaction and when it ends, and
-whoever frees the items of a drain that died (see ``claims.py``) first deletes those its
-record says were merged.
+commit each (about 30 us); storing "merged up to item *seq*" into this file, mapped into
+memory, costs about 0.2 us and outlives the process just as well: the page belongs to
+the kernel's page cache, whatever happens to the process after the store. The drain
+deletes the items it recorded in bulk, inside its next claim's transaction and when it
+ends, and whoever frees the items of a drain that died (see ``claims.py``) first deletes
+those its record says were merged.
 
-The file is an array of 32-byte slots, each holding one record: the drain's key (a hash
-of its claimer name), the last ``seq`` it merged, and a check word. Which drain owns which
-slot is kept in the database (table ``drain_slots``), taken in the transaction of the
-drain's first claim, so a claim that rolls back takes no slot; the drain writes its slot
-only after that claim committed. A record counts only for the drain whose key it carries,
-so what a slot's earlier owner left there never passes for the new owner's progress.
+The file is an array of 64-byte slots, each holding two records that the drain writes in
+turn: the drain's key (a hash of its claimer name), the last ``seq`` it merged, and a
+check word; a reader takes the newer valid one, so a record torn by a kill mid-copy
+costs one item's progress, never a wrong one. Which drain owns which slot is kept in the
+database (table ``drain_slots``), taken in the transaction of the drain's first claim,
+so a claim that rolls back takes no slot; the drain writes its slot only after that
+claim committed. A record counts only for the drain whose key it carries, so what a
+slot's earlier owner left there never passes for the new owner's progress.
 
 What it does not cover: the file is not fsynced, so after a power loss (or a copy of the
 database without it) items merged since their drain's last claim may be delivered again
-(at-least-once, as for the item in hand), never lost. A file that cannot be opened
-makes drains commit each removal instead (:meth:`AckFile.usable` is False).
+(at-least-once, as for the item in hand), never lost. The file only grows, by zeros
+written to disk before a slot is used (so a full disk shows as a refused slot, and the
+drain commits each removal instead); shrinking it under a running drain (by hand) would
+crash that process with SIGBUS, as with SQLite's own ``-shm``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import threading
 import weakref
 from pathlib import Path
 from struct import Struct
 
-__all__ = ["SLOT_BYTES", "AckFile", "claimer_key"]
+__all__ = ["HALF_BYTES", "SLOT_BYTES", "AckFile", "claimer_key"]
 
 logger = logging.getLogger(__name__)
 
 _RECORD = Struct("<QqQ")  # key, merged seq, check
-SLOT_BYTES = 32  # a record per slot, never across a page boundary
-_MAGIC = 0x6F7262697465722D  # b"orbiter-": a zeroed or foreign slot does not check out
+HALF_BYTES = 32  # one record, never across a page boundary
+SLOT_BYTES = 2 * HALF_BYTES  # a drain writes its two records in turn (see record())
+_PAGE = mmap.PAGESIZE
+_MAGIC = 0x6F7262697465722D  # b"orbiter-": a zeroed or foreign record does not check out
 
-#: Every AckFile with a descriptor open, so a forked child can drop its copies.
+#: Every AckFile with the file open, so a forked child can drop its copies.
 _OPEN: weakref.WeakSet[AckFile] = weakref.WeakSet()
 
 
@@ -53,78 +60,112 @@ def claimer_key(claimer: str) -> int:
 class AckFile:
     """The ``<db>-acks`` file of one database, opened on first use.
 
-    :meth:`usable` and :meth:`merged_upto` run on the commit worker; :meth:`record`
+    :meth:`prepare` and :meth:`merged_upto` run on the commit worker; :meth:`record`
     wherever the drain runs.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self._map: mmap.mmap | None = None  # the file's first len(_map) bytes, shared
         self._lock = threading.Lock()
         self._closed = False
 
     def _open(self, *, create: bool) -> int | None:
-        with self._lock:
-            if self._fd is None and not self._closed:
-                flags = os.O_RDWR | (os.O_CREAT if create else 0)
-                try:
-                    self._fd = os.open(self.path, flags, 0o600)
-                except FileNotFoundError:
-                    if create:
-                        raise
-                    return None
-                _OPEN.add(self)
-            return self._fd
+        """The descriptor (``self._lock`` held); None if the file does not exist and
+        ``create`` is False, or this object is closed."""
+        if self._fd is None and not self._closed:
+            flags = os.O_RDWR | (os.O_CREAT if create else 0)
+            try:
+                self._fd = os.open(self.path, flags, 0o600)
+            except FileNotFoundError:
+                if create:
+                    raise
+                return None
+            _OPEN.add(self)
+        return self._fd
 
-    def usable(self) -> bool:
-        """Whether drains can record here (the file opens, created if need be)."""
+    def prepare(self, slot: int) -> bool:
+        """Make ``slot`` writable: create the file, grow it with zeros written to disk
+        (so a full disk shows here, not as a lost write later), map it. False, with a
+        warning, if that fails: the drain then commits each removal instead.
+
+        Runs inside a claim's transaction: SQLite's write lock keeps another process
+        from growing the file at the same time, and below its end nothing is written."""
+        need = (slot + 1) * SLOT_BYTES
         try:
-            return self._open(create=True) is not None
-        except OSError as exc:
+            with self._lock:
+                fd = self._open(create=True)
+                if fd is None:
+                    raise OSError(f"{self.path} is closed")
+                if self._map is not None and len(self._map) >= need:
+                    return True
+                size = os.fstat(fd).st_size
+                if size < need:
+                    grown = -(-need // _PAGE) * _PAGE
+                    os.pwrite(fd, bytes(grown - size), size)
+                    size = grown
+                old, self._map = self._map, mmap.mmap(fd, size)
+                if old is not None:
+                    old.close()
+        except (OSError, ValueError) as exc:
             logger.warning(
                 "cannot use %s (%s): drains commit each item's removal instead", self.path, exc
             )
             return False
+        return True
 
-    def record(self, slot: int, key: int, seq: int) -> None:
-        """Record that the drain with ``key`` in ``slot`` merged every item up to ``seq``
-        (raises ``OSError`` if the write fails; the record before it stays valid)."""
-        with self._lock:  # not while close() hands the descriptor back
-            if self._fd is None:
+    def record(self, slot: int, key: int, seq: int, turn: int) -> None:
+        """Record that the drain with ``key`` in ``slot`` merged every item up to ``seq``.
+
+        A store into the shared mapping (~0.2 us), which the kernel keeps whatever then
+        happens to the process, like a write. The drain alternates ``turn`` (0, 1): a
+        process killed in the middle of copying one record leaves that one torn and the
+        other, one item older, intact. Raises ``OSError`` once the file is closed."""
+        with self._lock:  # not while close() or prepare() replaces the mapping
+            mapped = self._map
+            if mapped is None:
                 raise OSError(f"{self.path} is closed")
-            os.pwrite(self._fd, _RECORD.pack(key, seq, key ^ seq ^ _MAGIC), slot * SLOT_BYTES)
+            offset = slot * SLOT_BYTES + turn * HALF_BYTES
+            mapped[offset : offset + _RECORD.size] = _RECORD.pack(key, seq, key ^ seq ^ _MAGIC)
 
     def merged_upto(self, claimer: str, slot: int) -> int:
         """The last ``seq`` ``claimer`` recorded in ``slot`` (0: none, or unreadable)."""
         try:
-            fd = self._open(create=False)
-            data = b"" if fd is None else os.pread(fd, _RECORD.size, slot * SLOT_BYTES)
+            with self._lock:
+                fd = self._open(create=False)
+            data = b"" if fd is None else os.pread(fd, SLOT_BYTES, slot * SLOT_BYTES)
         except OSError as exc:
             logger.warning("cannot read %s (%s): a drain's progress is lost", self.path, exc)
             return 0
-        if len(data) < _RECORD.size:
-            return 0
-        key, seq, check = _RECORD.unpack(data)
-        if key != claimer_key(claimer) or check != key ^ seq ^ _MAGIC:
-            return 0  # not written yet, another drain's, or torn
-        return int(seq)
+        key = claimer_key(claimer)
+        merged = 0
+        for offset in range(0, len(data) - _RECORD.size + 1, HALF_BYTES):
+            owner, seq, check = _RECORD.unpack_from(data, offset)
+            if owner == key and check == key ^ seq ^ _MAGIC:  # else another's, or torn
+                merged = max(merged, int(seq))
+        return merged
 
     def close(self) -> None:
         """Close the file (drains of a closed handler write nothing more)."""
         with self._lock:
             self._closed = True
-            fd, self._fd = self._fd, None
+            self._release()
+
+    def _release(self) -> None:
+        mapped, self._map = self._map, None
+        fd, self._fd = self._fd, None
+        if mapped is not None:
+            mapped.close()
         if fd is not None:
             os.close(fd)
 
     def _forget_in_forked_child(self) -> None:
-        # The parent's drains own this descriptor: the child's copy writes nothing. (A
-        # lock another thread held at the fork stays held in the child: a new one.)
+        # The parent's drains own the file: the child's copy writes nothing. (A lock
+        # another thread held at the fork stays held in the child: a new one.)
         self._lock = threading.Lock()
         self._closed = True
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        self._release()
 
 
 def _after_fork_in_child() -> None:

@@ -611,6 +611,7 @@ class _Drain:
         self._after = 0  # items up to this one are done
         self._slot: int | None = None  # this drain's slot in the ack file, once claimed
         self._key = claimer_key(claimer)  # its records' key there
+        self._turn = 0  # which of the slot's two records it writes next
         self._use_acks = store._acks is not None  # False once the ack file failed
         self._started = False
         self._ended = False
@@ -703,7 +704,8 @@ class _Drain:
         if self._slot is None or acks is None:
             return False
         try:
-            acks.record(self._slot, self._key, self._after)
+            acks.record(self._slot, self._key, self._after, self._turn)
+            self._turn ^= 1
             self._store._merged_upto[self._claimer] = self._after
         except OSError as exc:
             logger.warning(
