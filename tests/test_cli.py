@@ -559,10 +559,15 @@ def test_every_command_refuses_a_damaged_file_as_a_handler_does(
     db: Path, command: list[str]
 ) -> None:
     # Garbage over a page that no command reads on its way (counts, the schema, the
-    # revision), so only the check a handler makes at open finds it.
-    pages = db.stat().st_size // 4096
+    # revision): the root of drain_slots' index, empty here. Only the check a handler
+    # makes at open finds it.
+    with sqlite3.connect(db) as connection:
+        (root,) = connection.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_drain_slots_1'"
+        ).fetchone()
+    connection.close()
     data = bytearray(db.read_bytes())
-    data[(pages - 1) * 4096 :] = bytes(range(256)) * 16
+    data[(root - 1) * 4096 : root * 4096] = bytes(range(256)) * 16
     db.write_bytes(bytes(data))
     with pytest.raises(BackgroundTaskError, match="corrupt"):
         BackgroundTaskHandler(database=db)

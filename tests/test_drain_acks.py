@@ -22,10 +22,12 @@ import pytest
 
 from orbiter._internal.background import BackgroundTaskHandler
 from orbiter.errors import HandlerClosedError
+from orbiter.migrate import downgrade
 from orbiter.store import sql_store
-from orbiter.store.claims import take_ack_slot
+from orbiter.store.claims import claim_next, take_ack_slot
 from orbiter.store.drain_acks import HALF_BYTES, SLOT_BYTES, AckFile, claimer_key
 from orbiter.store.executor import Db
+from orbiter.store.owner import OwnerIdentity
 from tests.conftest import run_helper
 from tests.test_crash import inspect, kill, read_until, start_child
 
@@ -197,8 +199,9 @@ def test_a_rolled_back_claim_takes_no_slot_and_writes_nothing(db_path: Path) -> 
         raw.execute("BEGIN IMMEDIATE")
         raw.execute("UPDATE pending_queue SET claimed_by = 'x/1'")
         acks = AckFile(acks_path(db_path))
-        assert take_ack_slot(Db(raw), acks, "x/1") == 0
-        assert take_ack_slot(Db(raw), acks, "x/1") == 0  # the same again in one transaction
+        me = OwnerIdentity.of_this_process()
+        assert take_ack_slot(Db(raw), acks, "x/1", me) == 0
+        assert take_ack_slot(Db(raw), acks, "x/1", me) == 0  # the same in one transaction
         raw.execute("ROLLBACK")
         acks.close()
         assert raw.execute("SELECT count(*) FROM drain_slots").fetchone()[0] == 0
@@ -231,6 +234,118 @@ def test_requeue_and_push_of_merged_items_while_the_drain_holds_a_later_one(
             return [task.task_id async for task in handler.drain_pending()]
 
     assert asyncio.run(run()) == [ids[0], ids[1]]
+
+
+def test_while_a_handler_from_before_the_ack_file_lives_drains_commit_each_removal(
+    db_path: Path,
+) -> None:
+    # A handler of the previous release, open when the file was upgraded, frees a
+    # killed drain's items without reading the ack file and absorbs a push of a merged
+    # item: while one lives, drains delete each item with a commit, as it expects.
+    ids = asyncio.run(queue(db_path, 6))
+    me = OwnerIdentity.of_this_process()
+    older = {**me.as_row(), "owner_id": "older-release"}
+    with sqlite3.connect(db_path) as raw:  # alive: this very process, by host and pid
+        raw.execute(
+            "INSERT INTO owners (owner_id, host, boot_id, pid, process_start, started_at, "
+            "heartbeat_at, lease_expires_at, records_acks) VALUES (:owner_id, :host, "
+            ":boot_id, :pid, :process_start, '2026-01-01', '2026-01-01', '2999-01-01', 0)",
+            older,
+        )
+
+    async def drain_three() -> int:
+        async with BackgroundTaskHandler(database=db_path) as handler:
+            drain = handler.drain_pending()
+            assert [(await anext(drain)).task_id for _ in range(3)] == ids[:3]
+            with sqlite3.connect(db_path) as raw:  # two merged items already gone
+                rows = raw.execute("SELECT count(*) FROM pending_queue").fetchone()[0]
+                assert raw.execute("SELECT count(*) FROM drain_slots").fetchone()[0] == 0
+            await drain.aclose()
+            return int(rows)
+
+    assert asyncio.run(drain_three()) == 4
+    with sqlite3.connect(db_path) as raw:  # the older handler closes: slots again
+        raw.execute("UPDATE owners SET closed_at = '2026-01-02' WHERE owner_id = 'older-release'")
+
+    async def drain_one() -> int:
+        async with BackgroundTaskHandler(database=db_path) as handler:
+            drain = handler.drain_pending()
+            assert (await anext(drain)).task_id == ids[2]
+            with sqlite3.connect(db_path) as raw:
+                slots = raw.execute("SELECT count(*) FROM drain_slots").fetchone()[0]
+            await drain.aclose()
+            return int(slots)
+
+    assert asyncio.run(drain_one()) == 1
+
+
+def test_a_live_drain_that_holds_no_row_keeps_its_slot(db_path: Path) -> None:
+    # A drain between batches whose merged rows were all pushed again holds no row;
+    # another drain's first claim must not take its slot (it would overwrite the
+    # other's records: items before k back after a kill).
+    asyncio.run(queue(db_path, 2))
+    me = OwnerIdentity.of_this_process()
+    with sqlite3.connect(db_path, isolation_level=None) as raw:
+        raw.execute("BEGIN IMMEDIATE")
+        db = Db(raw)
+        raw.execute("INSERT INTO drain_slots (slot, claimer) VALUES (0, ?)", (f"{me.owner_id}/1",))
+        raw.execute("UPDATE pending_queue SET claimed_by = ?", (f"{me.owner_id}/2",))
+        acks = AckFile(acks_path(db_path))
+        claim_next(
+            db, me, {f"{me.owner_id}/1", f"{me.owner_id}/2"}, f"{me.owner_id}/2", None,
+            after=0, upto=None, limit=10, acks=acks,
+        )  # fmt: skip
+        assert take_ack_slot(db, acks, f"{me.owner_id}/2", me) == 1
+        # Once gone (not live any more), its slot is freed by the next claim.
+        claim_next(
+            db, me, {f"{me.owner_id}/2"}, f"{me.owner_id}/2", None,
+            after=0, upto=None, limit=10, acks=acks,
+        )  # fmt: skip
+        assert raw.execute("SELECT slot FROM drain_slots").fetchall() == [(1,)]
+        raw.execute("ROLLBACK")
+        acks.close()
+
+
+def test_a_downgrade_below_0005_waits_for_drains_to_give_back_their_slots(
+    db_path: Path,
+) -> None:
+    ids = asyncio.run(queue(db_path, 10))
+    drainer = start_child("drain_hold", str(db_path), "4")
+    read_until(drainer, f"holding {ids[4]}")
+    kill(drainer)
+    with pytest.raises(RuntimeError, match=r"drain.*hold a slot"):
+        downgrade(str(db_path), "0004")
+    # A handler opened once settles the killed drain (its merged items go).
+    assert inspect(db_path)["pending_size"] == 6
+    assert downgrade(str(db_path), "0004") == "0004"
+    assert inspect(db_path, "--drain")["drained"] == ids[4:]  # upgraded again at open
+
+
+@pytest.mark.parametrize("how", ["push after the file was deleted", "requeue, file unreadable"])
+def test_a_merged_item_queued_again_when_its_record_cannot_be_read(db_path: Path, how: str) -> None:
+    # Not knowing whether the drain merged it, the push must not be absorbed: a second
+    # delivery at worst, never a loss.
+    ids = asyncio.run(queue(db_path, 5))
+
+    async def run() -> list[str]:
+        async with BackgroundTaskHandler(database=db_path) as handler:
+            drain = handler.drain_pending()
+            assert [(await anext(drain)).task_id for _ in range(3)] == ids[:3]
+            acks_path(db_path).unlink()
+            if how.startswith("push"):
+                run_helper("child.py", "push_again", str(db_path), ids[1])
+            else:
+                acks_path(db_path).mkdir()
+                subprocess.run(
+                    [sys.executable, "-m", "orbiter.cli", "--db", str(db_path), "requeue", ids[1]],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+            assert [task.task_id async for task in drain] == ids[3:]
+            return [task.task_id async for task in handler.drain_pending()]
+
+    assert asyncio.run(run()) == [ids[1]]
 
 
 # -- the file ----------------------------------------------------------------------------

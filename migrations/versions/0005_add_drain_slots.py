@@ -1,4 +1,6 @@
-"""Add drain_slots: which drain records its progress in which slot of the <db>-acks file.
+"""Add drain_slots (which drain records its progress in which slot of the <db>-acks file)
+and owners.records_acks (handlers that know that file: until every live handler does,
+drains remove each item with a commit of its own, as before).
 
 Revision ID: 0005
 Revises: 0004
@@ -24,7 +26,21 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("slot", name="pk_drain_slots"),
         sa.UniqueConstraint("claimer", name="uq_drain_slots_claimer"),
     )
+    op.add_column(
+        "owners",
+        sa.Column("records_acks", sa.Integer(), server_default=sa.text("0"), nullable=False),
+    )
 
 
 def downgrade() -> None:
+    # Merged items of a drain that holds a slot are rows only the -acks file tells apart:
+    # without the table they would be delivered again. Refuse until no drain holds one.
+    held = op.get_bind().execute(sa.text("SELECT count(*) FROM drain_slots")).scalar()
+    if held:
+        raise RuntimeError(
+            f"cannot downgrade below 0005 while {held} drain(s) hold a slot of the -acks "
+            "file: let running drains finish, and open a handler once, which settles the "
+            "drains of killed processes"
+        )
+    op.drop_column("owners", "records_acks")
     op.drop_table("drain_slots")

@@ -57,6 +57,7 @@ from orbiter.store.drain_acks import AckFile
 from orbiter.store.engine import ENV_VAR
 from orbiter.store.executor import Db
 from orbiter.store.schema import HEAD_REVISION
+from orbiter.store.sql_store import translate_error
 from orbiter.types import OrbiterError
 
 if TYPE_CHECKING:
@@ -763,10 +764,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), exc.exit_code)
     except OrbiterError as exc:
         return _fail(str(exc), 1)
-    except sa_exc.DBAPIError as exc:
-        return _fail(f"database error: {exc.orig}", 1)
-    except sqlite3.Error as exc:
-        return _fail(f"database error: {exc}", 1)
+    except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+        # Named as a handler names it ("corrupt", "locked", "full", ...) where it can be.
+        translated = translate_error("database", exc)
+        if translated is not exc:
+            return _fail(str(translated), 1)
+        return _fail(f"database error: {getattr(exc, 'orig', exc)}", 1)
     except BrokenPipeError:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())

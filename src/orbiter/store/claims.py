@@ -75,14 +75,21 @@ def claim_next(
     return db.all(queries.claimed_items(), {"claimer": claimer})
 
 
-def take_ack_slot(db: Db, acks: AckFile, claimer: str) -> int | None:
-    """A slot of the ack file for ``claimer``, which holds items (None: the file cannot be
-    used, and the drain commits each removal). Taken in this transaction: should it roll
-    back, the slot was never taken."""
+def take_ack_slot(db: Db, acks: AckFile, claimer: str, me: OwnerIdentity) -> int | None:
+    """The slot of the ack file where ``claimer``, which holds items, records its progress:
+    the one it has, or a new one taken in this transaction (should it roll back, none was
+    taken). None: the drain commits each removal instead, because the file cannot be
+    used or a handler from before it is alive (it would free a killed drain's items
+    without reading the file, and absorb a push of a merged item)."""
     slot: int | None = db.scalar(queries.slot_of_claimer(), {"claimer": claimer})
-    if slot is not None:  # taken earlier in this transaction (a batch retried)
+    if slot is not None:
         return slot
-    db.execute(queries.free_idle_slots())
+    now = utc_now_text()
+    if any(
+        owner_gone_reason(row, me, now) is None
+        for row in db.mappings(queries.owners_without_acks())
+    ):
+        return None
     taken = {row[0] for row in db.all(queries.taken_slots())}
     slot = next(number for number in itertools.count() if number not in taken)
     if not acks.prepare(slot):
@@ -110,8 +117,10 @@ def settle(db: Db, claimer: str, merged_upto: int) -> None:
 
 def enqueue(db: Db, task_id: str, acks: AckFile | None) -> bool:
     """Queue ``task_id`` for a wake-up merge; False if it is queued already. A row a
-    drain has merged but not deleted yet does not count: it goes, and a new row (a new
-    place at the end of the queue) comes, or the drain would delete the new result."""
+    drain may have merged but not deleted yet does not count: it goes, and a new row (a
+    new place at the end of the queue) comes, or the drain would delete the new result.
+    "May": unless the drain's record shows it has not got that far (a record that cannot
+    be read risks a second delivery, not a loss)."""
     params = {"task_id": task_id, "now": db.now}
     if db.changes(queries.enqueue(), params):
         return True
@@ -119,9 +128,12 @@ def enqueue(db: Db, task_id: str, acks: AckFile | None) -> bool:
     if row is None:
         return False
     seq, claimer = row
-    if claimer is None or seq > merged_upto(db, acks, claimer):
-        return False  # free, or claimed and not merged: still to be delivered (but see
-        # README: a push of the very item a consumer holds is absorbed, as it always was)
+    if claimer is None or db.scalar(queries.slot_of_claimer(), {"claimer": claimer}) is None:
+        return False  # free, or held by a drain that deletes each item as it goes (but
+        # see README: a push of the very item a consumer holds is absorbed, as always)
+    merged = merged_upto(db, acks, claimer)
+    if merged and seq > merged:
+        return False  # not handed out yet: the drain delivers it
     db.execute(queries.delete_pending_item(), {"seq": seq})
     db.execute(queries.enqueue(), params)
     return True
@@ -158,7 +170,7 @@ def any_free_item(db: Db, me: OwnerIdentity, live: Collection[str]) -> bool:
     """Whether an item is free to drain, counting those a gone drain still holds."""
     if db.scalar(queries.has_free_pending()):
         return True
-    return bool(_gone_claimers(db, me, live, utc_now_text()))
+    return bool(_gone_claimers(db, me, live, utc_now_text(), with_slots=False))
 
 
 def _release_dead_claims(
@@ -170,10 +182,13 @@ def _release_dead_claims(
 
 
 def _gone_claimers(
-    db: Db, me: OwnerIdentity, live: Collection[str], now: str
+    db: Db, me: OwnerIdentity, live: Collection[str], now: str, *, with_slots: bool = True
 ) -> list[tuple[str, str]]:
-    """Drains that hold items and are gone (see the module docstring), with why."""
+    """Drains that hold items (or, ``with_slots``, an ack-file slot) and are gone (see
+    the module docstring), with why."""
     held = [row[0] for row in db.all(queries.claimers())]
+    if with_slots:
+        held = list(dict.fromkeys(held + [row[0] for row in db.all(queries.slot_claimers())]))
     mine = me.owner_id + "/"
     gone = [
         (claimer, "a drain of this handler ended without freeing them")

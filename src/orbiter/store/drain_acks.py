@@ -71,17 +71,11 @@ class AckFile:
         self._lock = threading.Lock()
         self._closed = False
 
-    def _open(self, *, create: bool) -> int | None:
-        """The descriptor (``self._lock`` held); None if the file does not exist and
-        ``create`` is False, or this object is closed."""
+    def _open(self) -> int | None:
+        """The descriptor, the file created if need be (``self._lock`` held); None once
+        this object is closed."""
         if self._fd is None and not self._closed:
-            flags = os.O_RDWR | (os.O_CREAT if create else 0)
-            try:
-                self._fd = os.open(self.path, flags, 0o600)
-            except FileNotFoundError:
-                if create:
-                    raise
-                return None
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
             _OPEN.add(self)
         return self._fd
 
@@ -95,7 +89,7 @@ class AckFile:
         need = (slot + 1) * SLOT_BYTES
         try:
             with self._lock:
-                fd = self._open(create=True)
+                fd = self._open()
                 if fd is None:
                     raise OSError(f"{self.path} is closed")
                 if self._map is not None and len(self._map) >= need:
@@ -130,14 +124,24 @@ class AckFile:
             mapped[offset : offset + _RECORD.size] = _RECORD.pack(key, seq, key ^ seq ^ _MAGIC)
 
     def merged_upto(self, claimer: str, slot: int) -> int:
-        """The last ``seq`` ``claimer`` recorded in ``slot`` (0: none, or unreadable)."""
+        """The last ``seq`` ``claimer`` recorded in ``slot`` (0: none, or unreadable).
+
+        Reads the file now at the path (opened for each read: one deleted or replaced
+        since this handler opened it is not the one drains now write)."""
         try:
-            with self._lock:
-                fd = self._open(create=False)
-            data = b"" if fd is None else os.pread(fd, SLOT_BYTES, slot * SLOT_BYTES)
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
         except OSError as exc:
             logger.warning("cannot read %s (%s): a drain's progress is lost", self.path, exc)
             return 0
+        try:
+            data = os.pread(fd, SLOT_BYTES, slot * SLOT_BYTES)
+        except OSError as exc:
+            logger.warning("cannot read %s (%s): a drain's progress is lost", self.path, exc)
+            return 0
+        finally:
+            os.close(fd)
         key = claimer_key(claimer)
         merged = 0
         for offset in range(0, len(data) - _RECORD.size + 1, HALF_BYTES):

@@ -51,7 +51,6 @@ __all__ = [
     "delete_pending_item",
     "enqueue",
     "fail_task",
-    "free_idle_slots",
     "free_slot",
     "has_free_pending",
     "has_pending",
@@ -60,6 +59,7 @@ __all__ = [
     "max_pending_seq",
     "owner_has_active_tasks",
     "owners_of_active_tasks",
+    "owners_without_acks",
     "pending_item_of_task",
     "record_heartbeat",
     "release_claims",
@@ -68,6 +68,7 @@ __all__ = [
     "select_task",
     "select_tasks",
     "settle_orphans",
+    "slot_claimers",
     "slot_of_claimer",
     "take_slot",
     "taken_slots",
@@ -241,7 +242,11 @@ def record_heartbeat() -> Insert:
     An upsert, so a heartbeat also puts back an owner row that another process removed
     while this owner was stalled past its lease."""
     columns = ("owner_id", "host", "boot_id", "pid", "process_start", "lease_expires_at")
-    stamps: dict[str, Any] = {"started_at": bindparam("now"), "heartbeat_at": bindparam("now")}
+    stamps: dict[str, Any] = {
+        "started_at": bindparam("now"),
+        "heartbeat_at": bindparam("now"),
+        "records_acks": literal(1),
+    }
     stmt = sqlite_insert(owners).values({name: bindparam(name) for name in columns} | stamps)
     return stmt.on_conflict_do_update(
         index_elements=[owners.c.owner_id],
@@ -422,10 +427,15 @@ def taken_slots() -> AnySelect:
 
 
 @cache
-def free_idle_slots() -> Delete:
-    """Give back the slots of drains that hold no item (ended, or settled by another)."""
-    holding = select(pending.c.claimed_by).where(pending.c.claimed_by.is_not(None))
-    return delete(drain_slots).where(drain_slots.c.claimer.not_in(holding))
+def slot_claimers() -> AnySelect:
+    """The drains that hold an ack-file slot."""
+    return select(drain_slots.c.claimer)
+
+
+@cache
+def owners_without_acks() -> AnySelect:
+    """Owner rows, not closed, of handlers from before the -acks file."""
+    return select(owners).where(owners.c.records_acks == 0, owners.c.closed_at.is_(None))
 
 
 @cache

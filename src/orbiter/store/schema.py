@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    text,
 )
 
 __all__ = [
@@ -122,4 +123,6 @@ owners = Table(
     Column("heartbeat_at", String(26), nullable=False),
     Column("lease_expires_at", String(26), nullable=False),
     Column("closed_at", String(26), nullable=True),  # set by a clean close
+    # 1: a handler that knows the -acks file (0: one from before it, open at the upgrade).
+    Column("records_acks", Integer, nullable=False, server_default=text("0")),
 )

@@ -650,9 +650,8 @@ class _Drain:
             if not self._batch:
                 rows, slot = await store._worker.acall(self._claim(), relaxed=CLAIMS_ARE_RELAXED)
                 self._batch.extend(rows)
-                if slot is not None:
-                    self._slot = slot
-                elif self._slot is None:
+                self._slot = slot
+                if slot is None:
                     self._use_acks = False
                 if not self._batch:
                     await self._end()
@@ -687,13 +686,15 @@ class _Drain:
         claim = store._claim(
             self._claimer, self._parent, after=self._after, upto=self._upto, limit=DRAIN_BATCH
         )
-        acks = store._acks if self._use_acks and self._slot is None else None
-        claimer = self._claimer
+        acks = store._acks if self._use_acks else None
+        claimer, me = self._claimer, store.identity
         self._claimed_after = store._finished_count
 
         def claim_next_batch(db: Db) -> tuple[list[TaskRow], int | None]:
             rows = claim(db)
-            return rows, take_ack_slot(db, acks, claimer) if acks and rows else None
+            # Its slot, checked each time (a drain taken for gone has lost it; the items
+            # it merged went with the claim above, so a new one starts clean).
+            return rows, take_ack_slot(db, acks, claimer, me) if acks and rows else None
 
         return claim_next_batch
 
