@@ -348,6 +348,22 @@ def test_a_merged_item_queued_again_when_its_record_cannot_be_read(db_path: Path
     assert asyncio.run(run()) == [ids[1]]
 
 
+def test_a_drain_whose_ack_file_was_deleted_records_into_the_new_one(db_path: Path) -> None:
+    # Its records went on into the deleted file, which no reader finds: killed, the
+    # items it merged came back. Its next claim now lets go of the deleted file and
+    # uses (creates) the one at the path, so only items of the batch in hand can.
+    ids = asyncio.run(queue(db_path, QUEUED))
+    batch = sql_store.DRAIN_BATCH
+    drainer = start_child("drain_pause", str(db_path), "3", str(batch + 50))
+    read_until(drainer, "paused")
+    acks_path(db_path).unlink()
+    Path(f"{db_path}.go").touch()
+    read_until(drainer, f"holding {ids[batch + 50]}")
+    kill(drainer)
+    assert acks_path(db_path).exists()
+    assert inspect(db_path, "--drain")["drained"] == ids[batch + 50 :]
+
+
 # -- the file ----------------------------------------------------------------------------
 
 

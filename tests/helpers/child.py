@@ -11,6 +11,7 @@ import contextlib
 import json
 import sys
 import time
+from pathlib import Path
 
 from orbiter._internal.background import BackgroundTaskHandler
 
@@ -244,6 +245,27 @@ def drain_in_failed_batch(db: str, hold_at: str) -> None:
             task = await anext(drain)
         say("holding", task.task_id)
         hang()
+
+    asyncio.run(run())
+
+
+def drain_pause(db: str, pause_at: str, hold_at: str) -> None:
+    """Drain; at item ``pause_at`` say "paused" and wait for the file ``DB.go``, then go on
+    to item ``hold_at``, hold it and wait to be killed."""
+    go = Path(f"{db}.go")
+
+    async def run() -> None:
+        handler = BackgroundTaskHandler(database=db)
+        position = 0
+        async for task in handler.drain_pending():
+            if position == int(pause_at):
+                say("paused", task.task_id)
+                while not go.exists():
+                    await asyncio.sleep(0.01)
+            if position == int(hold_at):
+                say("holding", task.task_id)
+                hang()
+            position += 1
 
     asyncio.run(run())
 

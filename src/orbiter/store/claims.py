@@ -83,13 +83,17 @@ def take_ack_slot(db: Db, acks: AckFile, claimer: str, me: OwnerIdentity) -> int
     without reading the file, and absorb a push of a merged item)."""
     slot: int | None = db.scalar(queries.slot_of_claimer(), {"claimer": claimer})
     if slot is not None:
-        return slot
+        return slot if acks.prepare(slot) else None  # (the file may have been replaced)
     now = utc_now_text()
-    if any(
-        owner_gone_reason(row, me, now) is None
-        for row in db.mappings(queries.owners_without_acks())
-    ):
-        return None
+    for row in db.mappings(queries.owners_without_acks()):
+        if owner_gone_reason(row, me, now) is None:
+            logger.info(
+                "a handler of an earlier release is open (pid %s on %s): this drain "
+                "commits each item's removal",
+                row["pid"],
+                row["host"],
+            )
+            return None
     taken = {row[0] for row in db.all(queries.taken_slots())}
     slot = next(number for number in itertools.count() if number not in taken)
     if not acks.prepare(slot):

@@ -84,11 +84,18 @@ class AckFile:
         (so a full disk shows here, not as a lost write later), map it. False, with a
         warning, if that fails: the drain then commits each removal instead.
 
-        Runs inside a claim's transaction: SQLite's write lock keeps another process
-        from growing the file at the same time, and below its end nothing is written."""
+        Runs inside each claim's transaction: SQLite's write lock keeps another process
+        from growing the file at the same time, and below its end nothing is written. A
+        file deleted or replaced since it was opened is let go of, and the one now at the
+        path used (as large as the old mapping, for this handler's other drains): records
+        written to a file no reader finds would bring their items back after a kill."""
         need = (slot + 1) * SLOT_BYTES
         try:
             with self._lock:
+                if self._fd is not None and not self._is_at_path(self._fd):
+                    if self._map is not None:
+                        need = max(need, len(self._map))
+                    self._release()
                 fd = self._open()
                 if fd is None:
                     raise OSError(f"{self.path} is closed")
@@ -109,6 +116,15 @@ class AckFile:
             return False
         return True
 
+    def _is_at_path(self, fd: int) -> bool:
+        """Whether ``fd`` is the file now at the path (not deleted or replaced since)."""
+        try:
+            here = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
     def record(self, slot: int, key: int, seq: int, turn: int) -> None:
         """Record that the drain with ``key`` in ``slot`` merged every item up to ``seq``.
 
@@ -121,6 +137,8 @@ class AckFile:
             if mapped is None:
                 raise OSError(f"{self.path} is closed")
             offset = slot * SLOT_BYTES + turn * HALF_BYTES
+            if offset + _RECORD.size > len(mapped):  # (prepare() keeps this from happening)
+                raise OSError(f"{self.path}: slot {slot} is past the mapped file")
             mapped[offset : offset + _RECORD.size] = _RECORD.pack(key, seq, key ^ seq ^ _MAGIC)
 
     def merged_upto(self, claimer: str, slot: int) -> int:
