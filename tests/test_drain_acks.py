@@ -432,6 +432,20 @@ def test_a_file_that_cannot_be_made_is_refused(
     assert "commit each item's removal instead" in caplog.text
 
 
+def test_a_symlink_or_fifo_at_the_path_is_refused_and_left_alone(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("important\n")
+    path = tmp_path / "x.db-acks"
+    path.symlink_to(victim)
+    assert not AckFile(path).prepare(0)
+    assert AckFile(path).merged_upto("a/1", 0) == 0
+    assert victim.read_text() == "important\n"
+    path.unlink()
+    os.mkfifo(path)
+    assert not AckFile(path).prepare(0)  # (would block a reader forever, if opened)
+    assert AckFile(path).merged_upto("a/1", 0) == 0
+
+
 async def test_concurrent_drains_get_their_own_slots_and_give_them_back(db_path: Path) -> None:
     ids = await queue(db_path, 6)
     async with BackgroundTaskHandler(database=db_path) as handler:

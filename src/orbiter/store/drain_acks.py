@@ -32,6 +32,7 @@ import hashlib
 import logging
 import mmap
 import os
+import stat
 import threading
 import weakref
 from pathlib import Path
@@ -75,7 +76,7 @@ class AckFile:
         """The descriptor, the file created if need be (``self._lock`` held); None once
         this object is closed."""
         if self._fd is None and not self._closed:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
             _OPEN.add(self)
         return self._fd
 
@@ -147,7 +148,7 @@ class AckFile:
         Reads the file now at the path (opened for each read: one deleted or replaced
         since this handler opened it is not the one drains now write)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = _open_regular(self.path, os.O_RDONLY)
         except FileNotFoundError:
             return 0
         except OSError as exc:
@@ -188,6 +189,17 @@ class AckFile:
         self._lock = threading.Lock()
         self._closed = True
         self._release()
+
+
+def _open_regular(path: Path, flags: int) -> int:
+    """Open ``path`` (created ``0600`` with ``O_CREAT``), refusing anything but a regular
+    file: not a symlink swapped in (whose target the drain would overwrite), nor a FIFO
+    (which would block the commit thread)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return fd
 
 
 def _after_fork_in_child() -> None:
