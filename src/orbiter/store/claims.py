@@ -132,10 +132,11 @@ def enqueue(db: Db, task_id: str, acks: AckFile | None) -> bool:
     if row is None:
         return False
     seq, claimer = row
-    if claimer is None or db.scalar(queries.slot_of_claimer(), {"claimer": claimer}) is None:
+    slot = None if claimer is None else db.scalar(queries.slot_of_claimer(), {"claimer": claimer})
+    if slot is None:
         return False  # free, or held by a drain that deletes each item as it goes (but
         # see README: a push of the very item a consumer holds is absorbed, as always)
-    merged = merged_upto(db, acks, claimer)
+    merged = 0 if acks is None else acks.merged_upto(claimer, slot)
     if merged and seq > merged:
         return False  # not handed out yet: the drain delivers it
     db.execute(queries.delete_pending_item(), {"seq": seq})
