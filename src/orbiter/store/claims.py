@@ -57,8 +57,7 @@ def claim_next(
     order."""
     now = utc_now_text()
     _release_dead_claims(db, me, live, now, acks)
-    if after:
-        db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": after})
+    _remove_merged(db, claimer, after)
     if upto is None:
         upto = db.scalar(queries.max_pending_seq())
         if upto is None:
@@ -113,8 +112,7 @@ def merged_upto(db: Db, acks: AckFile | None, claimer: str) -> int:
 def settle(db: Db, claimer: str, merged_upto: int) -> None:
     """End ``claimer``'s hold: remove its items up to ``merged_upto``, free the rest and
     its slot."""
-    if merged_upto:
-        db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": merged_upto})
+    _remove_merged(db, claimer, merged_upto)
     db.execute(queries.release_claims(), {"claimer": claimer})
     db.execute(queries.free_slot(), {"claimer": claimer})
 
@@ -155,9 +153,7 @@ def remove_merged_of_owner(db: Db, owner_id: str, acks: AckFile | None) -> None:
     if acks is None:
         return
     for (claimer,) in db.all(queries.claimers_of_owner(), {"prefix": owner_id + "/%"}):
-        merged = merged_upto(db, acks, claimer)
-        if merged:
-            db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": merged})
+        _remove_merged(db, claimer, merged_upto(db, acks, claimer))
 
 
 def acknowledge(claimer: str, seq: int, db: Db) -> None:
@@ -176,6 +172,12 @@ def any_free_item(db: Db, me: OwnerIdentity, live: Collection[str]) -> bool:
     if db.scalar(queries.has_free_pending()):
         return True
     return bool(_gone_claimers(db, me, live, utc_now_text(), with_slots=False))
+
+
+def _remove_merged(db: Db, claimer: str, upto: int) -> None:
+    """Remove the items ``claimer`` holds up to enqueue number ``upto`` (0: none)."""
+    if upto:
+        db.execute(queries.acknowledge_claimed_upto(), {"claimer": claimer, "seq": upto})
 
 
 def _release_dead_claims(

@@ -149,18 +149,15 @@ class AckFile:
         since this handler opened it is not the one drains now write)."""
         try:
             fd = _open_regular(self.path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, SLOT_BYTES, slot * SLOT_BYTES)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return 0
         except OSError as exc:
             logger.warning("cannot read %s (%s): a drain's progress is lost", self.path, exc)
             return 0
-        try:
-            data = os.pread(fd, SLOT_BYTES, slot * SLOT_BYTES)
-        except OSError as exc:
-            logger.warning("cannot read %s (%s): a drain's progress is lost", self.path, exc)
-            return 0
-        finally:
-            os.close(fd)
         key = claimer_key(claimer)
         merged = 0
         for offset in range(0, len(data) - _RECORD.size + 1, HALF_BYTES):
