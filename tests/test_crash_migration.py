@@ -20,6 +20,10 @@ OLDEST = KNOWN_REVISIONS[0]
 KILL_POINTS = {
     "first-change": "after:1:CREATE VIEW",  # the first statement of the next revision
     "first-revision-stamped": "after:1:UPDATE alembic_version",
+    # 0006 edits the table's text in sqlite_schema: killed with the edit made, and with
+    # the schema version raised, both still uncommitted.
+    "status-check-respelled": "after:1:UPDATE sqlite_schema",
+    "schema-version-raised": "after:1:PRAGMA schema_version=",
     "at-commit": f"commit:{len(KNOWN_REVISIONS) - 1}:UPDATE alembic_version",
 }
 
