@@ -15,14 +15,14 @@ import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orbiter._internal.background import BackgroundTaskError, BackgroundTaskHandler
-from orbiter.store.codec import JsonCodec
+from orbiter.store.codec import TIMESTAMP_FORMAT, JsonCodec, utc_now_text
 
 CODEC = JsonCodec()
 
@@ -315,3 +315,35 @@ def test_random_values_decode_exactly_as_the_json_module_reads_them() -> None:
         item = value(0)
         text = json.dumps(item, allow_nan=True)
         assert _typed(CODEC.loads(text)) == _typed(json.loads(text)), text
+
+
+def test_utc_now_text_is_the_wall_clock_in_the_stored_form() -> None:
+    # (datetime.now() rounds to the microsecond; the stored form truncates.)
+    before = datetime.now(UTC).replace(tzinfo=None) - timedelta(microseconds=1)
+    text = utc_now_text()
+    after = datetime.now(UTC).replace(tzinfo=None)
+    assert len(text) == 26
+    assert before <= datetime.strptime(text, TIMESTAMP_FORMAT) <= after
+
+
+def test_utc_now_text_formats_each_second_anew(monkeypatch: pytest.MonkeyPatch) -> None:
+    # It formats the date and time of day once per second: the cached text must never
+    # outlive its second, and the microseconds are truncated, never rounded up into
+    # the next second.
+    clock = iter(
+        [
+            1_700_000_000_999_999_999,  # 2023-11-14 22:13:20.999999999
+            1_700_000_001_000_000_000,
+            1_700_000_001_000_000_999,
+            1_700_003_600_123_456_000,  # an hour later
+            86_400_000_000_000 * 20_000,  # 2024-10-04, midnight
+        ]
+    )
+    monkeypatch.setattr("orbiter.store.codec.time.time_ns", lambda: next(clock))
+    assert [utc_now_text() for _ in range(5)] == [
+        "2023-11-14 22:13:20.999999",
+        "2023-11-14 22:13:21.000000",
+        "2023-11-14 22:13:21.000000",
+        "2023-11-14 23:13:20.123456",
+        "2024-10-04 00:00:00.000000",
+    ]

