@@ -126,9 +126,10 @@ def _plain_copy(value: Any, depth: int = 0) -> Any:
     subclasses), with str keys and finite floats, at most ``_MAX_PLAIN_DEPTH`` containers
     deep; raises :class:`_NotPlain` otherwise.
 
-    Runs no code of the value's (types are compared by identity; containers are read
-    through their exact built-in types). ``orjson`` is given the copy, which no other
-    thread can change while it is being encoded; the leaves are immutable and shared.
+    Runs no code of the value's (types are compared by identity; containers are copied
+    by their exact built-in types, in C, and the copy is what is checked). ``orjson`` is
+    given the copy, which no other thread can change while it is being encoded; the
+    leaves are immutable and shared.
     """
     kind = type(value)
     if kind is str or kind is int or kind is bool or kind is _NONE:
@@ -141,24 +142,30 @@ def _plain_copy(value: Any, depth: int = 0) -> Any:
         raise _NotPlain
     depth += 1
     if kind is dict:
-        copied: dict[str, Any] = {}
-        for key, item in value.items():
+        copied: dict[Any, Any] = value.copy()
+        for key, item in copied.items():  # values replaced in place: the keys stay
             if type(key) is not str:
                 raise _NotPlain
             leaf = type(item)  # the common leaves inline: a call per item costs more
             if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
-                copied[key] = item
-            else:
-                copied[key] = _plain_copy(item, depth)
+                continue
+            if leaf is float:
+                if item - item != 0.0:
+                    raise _NotPlain
+                continue
+            copied[key] = _plain_copy(item, depth)
         return copied
     if kind is list or kind is tuple:
-        listed: list[Any] = []
-        for item in value:
+        listed: list[Any] = list(value)
+        for index, item in enumerate(listed):
             leaf = type(item)
             if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
-                listed.append(item)
-            else:
-                listed.append(_plain_copy(item, depth))
+                continue
+            if leaf is float:
+                if item - item != 0.0:
+                    raise _NotPlain
+                continue
+            listed[index] = _plain_copy(item, depth)
         return listed
     raise _NotPlain
 
