@@ -37,7 +37,7 @@ __all__ = [
 
 #: Alembic revisions this code knows, oldest first; the last one is the schema it needs.
 #: ``tests/test_migrations.py`` checks these against ``migrations/versions``.
-KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
+KNOWN_REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005", "0006")
 HEAD_REVISION: str = KNOWN_REVISIONS[-1]
 
 metadata = MetaData(
@@ -76,8 +76,7 @@ background_tasks = Table(
     CheckConstraint(f"merge_mode IS NULL OR merge_mode IN ({_MERGE_MODES})", name="merge_mode"),
     Index(None, "parent_task_id"),
     Index(None, "status", "created_at"),
-    # No index on owner_id: the queries by owner ask for active tasks only, which the
-    # status index finds (migration 0007).
+    Index(None, "owner_id"),
 )
 
 pending_queue = Table(
