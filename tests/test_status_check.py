@@ -10,10 +10,17 @@ change keeps every row, survives a new connection and goes back down cleanly.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import sqlite3
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine, event
 
 from orbiter import migrate
 from orbiter._internal.background import BackgroundTaskHandler
@@ -22,6 +29,7 @@ from orbiter.store.executor import compile_statement
 from orbiter.store.schema import HEAD_REVISION
 
 IN_LIST = "CHECK (status IN ('init', 'running', 'success', 'failed', 'timeout'))"
+ROOT = Path(__file__).resolve().parents[1]
 COMPARISONS = (
     "CHECK (status = 'init' OR status = 'running' OR status = 'success' "
     "OR status = 'failed' OR status = 'timeout')"
@@ -146,3 +154,93 @@ def test_a_table_changed_by_hand_is_left_as_it_is(db_path: Path) -> None:
     assert table_sql(db_path) == hand_made
     with BackgroundTaskHandler(database=db_path) as handler:
         handler.submit("works", "run")
+
+
+SQLITE_DBCONFIG_DEFENSIVE = 1010
+
+
+def make_defensive(connection: sqlite3.Connection) -> None:
+    """Turn on SQLite's defensive mode (no edits of sqlite_schema), as some builds do by
+    default: ``setconfig`` on Python 3.12+, else ``sqlite3_db_config`` through ctypes
+    on the ``sqlite3*`` that CPython keeps right after the object header."""
+    setconfig = getattr(connection, "setconfig", None)
+    if setconfig is not None:
+        setconfig(SQLITE_DBCONFIG_DEFENSIVE, True)
+        return
+    library = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+    handle = ctypes.c_void_p.from_address(id(connection) + 2 * ctypes.sizeof(ctypes.c_void_p))
+    now_on = ctypes.c_int(-1)
+    library.sqlite3_db_config(
+        handle, SQLITE_DBCONFIG_DEFENSIVE, ctypes.c_int(1), ctypes.byref(now_on)
+    )
+    assert now_on.value == 1
+
+
+@pytest.fixture
+def defensive_connections() -> Iterator[None]:
+    """Every SQLAlchemy connection opened meanwhile is in defensive mode."""
+    probe = sqlite3.connect(":memory:")
+    try:
+        make_defensive(probe)
+        probe.execute("CREATE TABLE t (x)")
+        probe.execute("PRAGMA writable_schema=ON")
+        with pytest.raises(sqlite3.Error):
+            probe.execute("UPDATE sqlite_schema SET sql = sql")
+    except (OSError, AttributeError, AssertionError) as exc:  # pragma: no cover
+        pytest.skip(f"cannot turn on SQLite's defensive mode here: {exc!r}")
+    finally:
+        probe.close()
+
+    def defensive(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        make_defensive(dbapi_connection)
+
+    event.listen(Engine, "connect", defensive)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "connect", defensive)
+
+
+@pytest.mark.usefixtures("defensive_connections")
+def test_where_sqlite_refuses_schema_edits_the_upgrade_keeps_the_in_list(db_path: Path) -> None:
+    migrate.upgrade(str(db_path), "0005")
+    with sqlite3.connect(db_path) as connection:
+        connection.execute(
+            "INSERT INTO background_tasks (task_id, parent_task_id, status, payload, "
+            "created_at, updated_at) VALUES ('kept', 'run', 'running', 'null', 'now', 'now')"
+        )
+    connection.close()
+    with BackgroundTaskHandler(database=db_path) as handler:  # upgrades to 0006
+        assert handler.get_task("kept") is not None
+        handler.submit("new", "run")
+    assert IN_LIST in table_sql(db_path)
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [
+            (HEAD_REVISION,)
+        ]
+        assert connection.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+
+
+@pytest.mark.usefixtures("defensive_connections")
+def test_where_sqlite_refuses_schema_edits_a_new_file_still_works(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("a", "run")
+    with BackgroundTaskHandler(database=db_path) as handler:
+        assert handler.get_task("a") is not None
+
+
+def test_alembic_sql_mode_writes_a_comment_for_the_respelling(tmp_path: Path) -> None:
+    env = {**os.environ, "ORBITER_BG_DATABASE": str(tmp_path / "never-made.db")}
+    alembic = Path(sys.executable).with_name("alembic")
+    done = subprocess.run(
+        [str(alembic), "upgrade", "head", "--sql"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "-- 0006: the check stays" in done.stdout
+    assert "UPDATE alembic_version SET version_num='0006'" in done.stdout
+    assert not (tmp_path / "never-made.db").exists()
