@@ -167,3 +167,16 @@ def test_an_upgrade_that_would_keep_broken_foreign_keys_is_refused(db_path: Path
         with pytest.raises(SchemaError, match="broken foreign keys"):
             migrate.upgrade(str(db_path))
     assert stored_revision(db_path) == older  # the whole upgrade was rolled back
+
+
+def test_alembic_sql_mode_prints_every_revision_up_and_down(tmp_path: Path) -> None:
+    # Offline there is no file: a revision must not ask the database anything.
+    target = str(tmp_path / "never-made.db")
+    up = run_alembic(target, "upgrade", "head", "--sql")
+    assert up.returncode == 0, up.stderr
+    down = run_alembic(target, "downgrade", f"{HEAD_REVISION}:base", "--sql")
+    assert down.returncode == 0, down.stderr
+    for revision in KNOWN_REVISIONS:
+        assert f"'{revision}'" in up.stdout  # the INSERT or UPDATE of alembic_version
+    assert "DROP TABLE background_tasks" in down.stdout
+    assert not Path(target).exists()
