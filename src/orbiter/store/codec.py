@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import orjson
@@ -141,33 +142,27 @@ def _plain_copy(value: Any, depth: int = 0) -> Any:
     if depth >= _MAX_PLAIN_DEPTH:
         raise _NotPlain
     depth += 1
+    copy: Any
     if kind is dict:
-        copied: dict[Any, Any] = value.copy()
-        for key, item in copied.items():  # values replaced in place: the keys stay
-            if type(key) is not str:
+        copy = value.copy()
+        slots: Iterable[tuple[Any, Any]] = copy.items()  # values replaced in place
+    elif kind is list or kind is tuple:
+        copy = list(value)
+        slots = enumerate(copy)
+    else:
+        raise _NotPlain
+    for slot, item in slots:
+        if kind is dict and type(slot) is not str:
+            raise _NotPlain
+        leaf = type(item)  # the common leaves inline: a call per item costs more
+        if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
+            continue
+        if leaf is float:
+            if item - item != 0.0:
                 raise _NotPlain
-            leaf = type(item)  # the common leaves inline: a call per item costs more
-            if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
-                continue
-            if leaf is float:
-                if item - item != 0.0:
-                    raise _NotPlain
-                continue
-            copied[key] = _plain_copy(item, depth)
-        return copied
-    if kind is list or kind is tuple:
-        listed: list[Any] = list(value)
-        for index, item in enumerate(listed):
-            leaf = type(item)
-            if leaf is str or leaf is int or leaf is bool or leaf is _NONE:
-                continue
-            if leaf is float:
-                if item - item != 0.0:
-                    raise _NotPlain
-                continue
-            listed[index] = _plain_copy(item, depth)
-        return listed
-    raise _NotPlain
+            continue
+        copy[slot] = _plain_copy(item, depth)
+    return copy
 
 
 def _stdlib_dumps(value: Any) -> str:
