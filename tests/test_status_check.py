@@ -244,3 +244,27 @@ def test_alembic_sql_mode_writes_a_comment_for_the_respelling(tmp_path: Path) ->
     assert "-- 0006: the check stays" in done.stdout
     assert "UPDATE alembic_version SET version_num='0006'" in done.stdout
     assert not (tmp_path / "never-made.db").exists()
+
+
+def test_where_an_authorizer_refuses_schema_edits_the_upgrade_keeps_the_in_list(
+    db_path: Path,
+) -> None:
+    # An application may guard its connections with an authorizer; SQLite then words
+    # the refusal "not authorized".
+    def no_schema_edits(action: int, table: str | None, *_: object) -> int:
+        if action == sqlite3.SQLITE_UPDATE and table == "sqlite_master":
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    def guard(dbapi_connection: sqlite3.Connection, _record: object) -> None:
+        dbapi_connection.set_authorizer(no_schema_edits)
+
+    migrate.upgrade(str(db_path), "0005")
+    event.listen(Engine, "connect", guard)
+    try:
+        assert migrate.upgrade(str(db_path)) == HEAD_REVISION
+    finally:
+        event.remove(Engine, "connect", guard)
+    assert IN_LIST in table_sql(db_path)
+    with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("works", "run")

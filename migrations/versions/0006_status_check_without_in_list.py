@@ -45,6 +45,10 @@ _AS_COMPARISONS = " OR ".join(f"status = '{status}'" for status in _STATUSES)
 
 logger = logging.getLogger("orbiter.migrate")
 
+#: How SQLite words a refusal to edit sqlite_schema: defensive mode ("table sqlite_master
+#: may not be modified") or an authorizer ("not authorized").
+_REFUSALS = ("may not be modified", "not authorized")
+
 
 def upgrade() -> None:
     _respell(_AS_IN_LIST, _AS_COMPARISONS)
@@ -85,7 +89,9 @@ def _respell(old: str, new: str) -> None:
                 {"sql": new_sql},
             )
             bind.exec_driver_sql(f"PRAGMA schema_version={int(version) + 1}")
-    except sa.exc.DBAPIError as exc:  # e.g. "table sqlite_master may not be modified"
+    except sa.exc.DBAPIError as exc:
+        if not any(refusal in str(exc.orig) for refusal in _REFUSALS):
+            raise  # a full disk, an I/O error...: the migration fails, the file unchanged
         logger.info("status check left as %r: SQLite refused the edit (%s)", old, exc.orig)
     finally:
         bind.exec_driver_sql("PRAGMA writable_schema=OFF")
