@@ -407,8 +407,7 @@ class CommitWorker:
 
     def _enqueue(self, item: _Queued[Any], *, first: bool = False) -> None:
         with self._lock:
-            if self._closed:
-                raise self._closed_error()
+            self.refuse_if_closed()
             (self._urgent if first else self._queue).append(item)
             # A signal for every enqueue, not only into an empty queue: a KeyboardInterrupt
             # between an earlier caller's append and its signal must not leave the worker
@@ -417,8 +416,7 @@ class CommitWorker:
 
     def _enqueue_all(self, items: list[_Queued[Any]]) -> None:
         with self._lock:
-            if self._closed:
-                raise self._closed_error()
+            self.refuse_if_closed()
             self._queue.extend(items)
             self._signals.put(None)
 
@@ -449,8 +447,7 @@ class CommitWorker:
         if self._urgent or self._queue or self._connection_lock.locked():
             return False
         with self._connection_lock:
-            if self._closed:
-                raise self._closed_error()
+            self.refuse_if_closed()
             self._execute([item])
             return True
 
@@ -466,8 +463,7 @@ class CommitWorker:
         if self._reader_lock.locked():
             return None
         with self._reader_lock:
-            if self._closed:
-                raise self._closed_error()
+            self.refuse_if_closed()
             if self._reader is None:
                 try:
                     self._reader_pooled = self._engine.raw_connection()
@@ -566,8 +562,7 @@ class CommitWorker:
                 return _result(done)
         waiter = _Waiter(loop=loop)
         if staged is None:
-            if self._closed:
-                raise self._closed_error()
+            self.refuse_if_closed()
             self._staged[loop] = staged = []
             loop.call_soon(self._hand_on_staged, loop)
         staged.append(_Queued(run, writes, relaxed, waiter=waiter))
