@@ -19,7 +19,6 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from rich.console import Console
@@ -523,7 +522,8 @@ def cmd_requeue(args: argparse.Namespace, out: Console) -> int:
                 "status success can be requeued"
             )
         # As a handler's push does: an item a drain has merged (not deleted yet) goes.
-        acks = AckFile(Path(f"{target.path}-acks"))
+        assert target.path is not None  # resolve_target gives file targets only
+        acks = AckFile.beside(target.path)
         try:
             raw = connection.connection.driver_connection  # the transaction begun above
             queued = not enqueue(Db(raw), args.task_id, acks)  # type: ignore[arg-type]

@@ -65,6 +65,11 @@ class AckFile:
     wherever the drain runs.
     """
 
+    @classmethod
+    def beside(cls, database: Path | str) -> AckFile:
+        """The ack file of the database file at ``database``: ``<database>-acks``."""
+        return cls(Path(f"{database}-acks"))
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None

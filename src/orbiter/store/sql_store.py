@@ -19,7 +19,6 @@ import weakref
 from collections import deque
 from collections.abc import Collection
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -147,7 +146,7 @@ class SqlStore:
         #: its rows may be older than an object it would update (see ``_task_from_row``).
         self._finished_count = 0
         #: Where this handler's drains record how far they got (None: not a file).
-        self._acks = None if target.path is None else AckFile(Path(f"{target.path}-acks"))
+        self._acks = None if target.path is None else AckFile.beside(target.path)
         if target.path is not None:
             refuse_if_unsafe_after_fork(str(target.path))
         # A fork waits until the open is done (see fork_gate.py).
