@@ -66,13 +66,9 @@ class OpenDrains:
 
     def _may_hold_items_of(self, parent_task_id: str | None) -> bool:
         here = asyncio.get_running_loop()
-        while True:
-            try:
-                entries = list(self._open.values())
-                break
-            except RuntimeError:  # changed by another thread while copied: again
-                continue
-        for loop_ref, parent in entries:
+        # (A copy first: dict.copy() allocates nothing per entry, so nothing changes the
+        # dict while it is copied; iterating the live dict could see it change size.)
+        for loop_ref, parent in self._open.copy().values():
             if parent is not None and parent_task_id is not None and parent != parent_task_id:
                 continue
             loop = loop_ref()

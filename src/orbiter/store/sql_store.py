@@ -424,11 +424,9 @@ class SqlStore:
     def _merged_items(self) -> list[tuple[str, int]]:
         """This handler's drains that may hold merged rows not deleted yet, each with the
         last item it merged."""
-        while True:
-            try:
-                return list(self._merged_upto.items())
-            except RuntimeError:  # changed by a finalizer on another thread: again
-                continue
+        # dict.copy() allocates nothing per entry, so no finalizer (and no other thread)
+        # changes the dict while it is copied, as one could while its items were listed.
+        return list(self._merged_upto.copy().items())
 
     def iter_pending(self, parent_task_id: str | None) -> PendingDrain:
         claimer = self._new_claimer()
