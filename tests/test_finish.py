@@ -15,7 +15,8 @@ import pytest
 
 from orbiter._internal.background import BackgroundTaskHandler, MergeMode
 from orbiter.errors import BackgroundTaskError, TaskAlreadyCompletedError, TaskNotFoundError
-from orbiter.store.executor import Db
+from orbiter.store import queries
+from orbiter.store.executor import Db, compile_statement
 
 
 def handler_connection(handler: BackgroundTaskHandler) -> sqlite3.Connection:
@@ -233,3 +234,35 @@ def slow_update_of(handler: BackgroundTaskHandler, task_id: str, seconds: float)
         f"WHEN NEW.task_id = '{task_id}' BEGIN SELECT orbiter_test_slow(); END"
     )
     return started
+
+
+@pytest.mark.parametrize("returning", [False, True])
+def test_finishing_binds_only_the_callers_values(returning: bool) -> None:
+    # The statuses are written into the SQL: a bound constant costs a merge of the
+    # parameters and a bind on every one of thousands of calls a second.
+    for statement, status in (
+        (queries.complete_task(returning), "success"),
+        (queries.fail_task(returning), "failed"),
+    ):
+        compiled = compile_statement(statement)
+        assert compiled.defaults == {}
+        assert f"status='{status}'" in compiled.sql
+        assert "status IN ('init', 'running')" in compiled.sql
+
+
+async def test_a_task_finishes_once_with_its_status_as_written(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path)
+    handler.submit("ok", "run")
+    handler.submit("bad", "run")
+    await handler.handle_result("ok", 1, is_main_running=False)
+    handler.handle_error("bad", "boom")
+    with pytest.raises(TaskAlreadyCompletedError):
+        await handler.handle_result("ok", 2, is_main_running=False)
+    with pytest.raises(TaskAlreadyCompletedError):
+        handler.handle_error("ok", "late")
+    with pytest.raises(TaskAlreadyCompletedError):
+        await handler.handle_result("bad", 3, is_main_running=False)
+    await handler.aclose()
+    statuses, queued = file_state(db_path)
+    assert statuses == {"ok": "success", "bad": "failed"}
+    assert queued == ["ok"]

@@ -136,11 +136,28 @@ def insert_pushed_task() -> Insert:
     )
 
 
-def _finish(returning: bool, **values: object) -> Update:
+def _sql_text(value: str) -> ColumnElement[str]:
+    """``value`` written into the SQL as a quoted constant (it is one of ours, never a
+    caller's), so it need not be bound on every execution."""
+    return literal_column("'" + value.replace("'", "''") + "'")
+
+
+def _finish(returning: bool, status: str, **values: object) -> Update:
+    """The guarded update that finishes task ``:id`` with ``status``.
+
+    Its constants (the new status, the active ones) are written into the SQL: finishing
+    runs thousands of times a second, and each bound constant costs a merge of the
+    parameters and a bind per call. Found by its key either way. (Queries that must be
+    planned on an index other than the key keep their statuses as parameters: see
+    :func:`_is_active`.)
+    """
     stmt = (
         tasks.update()
-        .where(tasks.c.task_id == bindparam("id"), _is_active())
-        .values(updated_at=bindparam("now"), **values)
+        .where(
+            tasks.c.task_id == bindparam("id"),
+            tasks.c.status.in_([_sql_text(active) for active in ACTIVE_STATUSES]),
+        )
+        .values(updated_at=bindparam("now"), status=_sql_text(status), **values)
     )
     return stmt.returning(tasks.c.parent_task_id, tasks.c.payload) if returning else stmt
 
