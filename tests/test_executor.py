@@ -69,6 +69,18 @@ def test_a_missing_value_is_named_in_the_error(db: Db) -> None:
     assert db.raw.execute("SELECT count(*) FROM pending_queue").fetchone() == (0,)
 
 
+def test_a_missing_value_in_a_group_is_named_and_nothing_is_written(db: Db) -> None:
+    submit(db, "a", "T1")
+    submit(db, "b", "T1")
+    with pytest.raises(sqlite3.ProgrammingError, match=":now"):
+        db.changes_many(queries.enqueue(), [{"task_id": "a", "now": "T2"}, {"task_id": "b"}])
+    assert db.raw.execute("SELECT count(*) FROM pending_queue").fetchone() == (0,)
+    rows = [{"task_id": "a", "now": "T2"}, {"now": "T3", "task_id": "b"}]  # any key order
+    assert db.changes_many(queries.enqueue(), rows) == 2
+    queued = db.raw.execute("SELECT task_id, enqueued_at FROM pending_queue ORDER BY seq")
+    assert queued.fetchall() == [("a", "T2"), ("b", "T3")]
+
+
 def test_a_statement_rendered_per_execution_is_refused_when_compiled() -> None:
     expanding = select(background_tasks.c.task_id).where(
         background_tasks.c.task_id.in_(bindparam("ids", expanding=True))

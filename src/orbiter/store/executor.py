@@ -44,7 +44,22 @@ class _Compiled(NamedTuple):
         try:
             return self.order(named)
         except KeyError as exc:
-            raise sqlite3.ProgrammingError(f"no value for parameter :{exc.args[0]}") from None
+            raise _missing(exc) from None
+
+    def bind_many(self, many: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
+        """:meth:`bind` for each mapping of ``many`` (in C when the statement has no
+        constants of its own: no Python call per row)."""
+        if self.defaults:
+            return [self.bind(params) for params in many]
+        try:
+            return list(map(self.order, many))
+        except KeyError as exc:
+            raise _missing(exc) from None
+
+
+def _missing(exc: KeyError) -> sqlite3.ProgrammingError:
+    """The error for a parameter given no value (``exc`` names it)."""
+    return sqlite3.ProgrammingError(f"no value for parameter :{exc.args[0]}")
 
 
 def _orderer(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
@@ -134,7 +149,7 @@ class Db:
         """Execute ``statement`` once for each set of values in ``many``, all in one call
         (``executemany``); return the rows changed in all."""
         compiled = compile_statement(statement)
-        return self.raw.executemany(compiled.sql, [compiled.bind(one) for one in many]).rowcount
+        return self.raw.executemany(compiled.sql, compiled.bind_many(many)).rowcount
 
     def all_or_nothing(self, run: Callable[[], bool]) -> bool:
         """Call ``run`` in a savepoint: what it wrote is undone if it returns False (or

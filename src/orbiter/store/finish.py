@@ -81,14 +81,15 @@ def _finish_together(statement: Update, enqueue: bool) -> Together:
         now = db.now
 
         def apply() -> bool:
-            for finish in finishes:
-                finish.params["now"] = now
-            if db.changes_many(statement, (finish.params for finish in finishes)) != len(finishes):
+            values = [finish.params for finish in finishes]
+            for params in values:
+                params["now"] = now
+            if db.changes_many(statement, values) != len(finishes):
                 return False  # one is not active (or comes twice): each runs alone
             if enqueue:
                 db.changes_many(
                     queries.enqueue(),
-                    ({"task_id": finish.task_id, "now": now} for finish in finishes),
+                    [{"task_id": finish.task_id, "now": now} for finish in finishes],
                 )
             return True
 
