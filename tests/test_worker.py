@@ -105,6 +105,51 @@ async def test_a_blocked_threads_write_takes_the_place_of_queued_async_writes(
     ]
 
 
+async def test_a_threads_write_queued_while_async_writes_are_owed_waits_for_few(
+    worker: CommitWorker, db_path: Path
+) -> None:
+    # Transactions are counted by the commits before them: operations that see the same
+    # count ran in the same transaction.
+    ran: dict[str, int] = {}
+
+    def write(name: str, db: Db) -> str:
+        ran[name] = worker.commits
+        return _log(name, db)
+
+    second = threading.Thread(target=worker.call, args=(partial(write, "sync-2"),))
+
+    def first_sync_write(db: Db) -> str:
+        # Runs in the async batch it made way into; the second call queues meanwhile and
+        # finds the rest of that batch owed the next one.
+        if second.ident is None:
+            second.start()
+            _wait_until(lambda: len(worker._urgent) == 1, "the second thread's call")
+        return write("sync-1", db)
+
+    first = threading.Thread(target=worker.call, args=(first_sync_write,))
+
+    def first_async_write(db: Db) -> str:
+        if first.ident is None:
+            first.start()
+            _wait_until(lambda: len(worker._urgent) == 1, "the first thread's call")
+        return write("async-0", db)
+
+    writes = [worker._handoff(first_async_write, True, False)]
+    writes += [worker._handoff(partial(write, f"async-{k}"), True, False) for k in range(1, 200)]
+    assert await asyncio.gather(*writes) == [f"async-{k}" for k in range(200)]
+    for thread in (first, second):
+        await asyncio.get_running_loop().run_in_executor(None, _join_started, thread)
+
+    sharing = [name for name, count in ran.items() if count == ran["sync-2"] and name != "sync-2"]
+    assert sharing == [f"async-{k}" for k in range(MAKE_WAY_AFTER, 2 * MAKE_WAY_AFTER)]
+    assert _committed(db_path) == [
+        *(f"async-{k}" for k in range(MAKE_WAY_AFTER)),
+        "sync-1",
+        "sync-2",
+        *(f"async-{k}" for k in range(MAKE_WAY_AFTER, 200)),
+    ]
+
+
 async def test_a_blocked_read_does_not_wait_for_the_writer(
     worker: CommitWorker, db_path: Path
 ) -> None:

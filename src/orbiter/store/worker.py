@@ -684,15 +684,17 @@ class CommitWorker:
 
     def _take_batch(self) -> list[_Queued[Any]]:
         """The next batch (called holding ``_lock``): blocked threads' operations alone
-        if any wait, so a sync call never waits for queued async writes; otherwise, or
-        when async operations were passed over last time, everything queued (threads'
-        first), up to ``MAX_BATCH``."""
+        if any wait, so a sync call never waits for queued async writes; otherwise
+        everything queued, up to ``MAX_BATCH``. When async operations were passed over
+        last time, threads' operations take them along, but only ``MAKE_WAY_AFTER`` of
+        them: so they progress, and a sync call waits for no more of them than when it
+        makes way in a running transaction."""
         batch = _take(self._urgent, MAX_BATCH)
         if batch and not self._async_owed:
             self._async_owed = bool(self._queue)
             return batch
         self._async_owed = False
-        return batch + _take(self._queue, MAX_BATCH - len(batch))
+        return batch + _take(self._queue, MAKE_WAY_AFTER if batch else MAX_BATCH)
 
     def _make_way(self, items: list[_Queued[Any]], ran: int) -> bool:
         """Let blocked threads into the running transaction (called between operations).
