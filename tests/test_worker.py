@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import sqlite3
 import sys
@@ -148,6 +149,44 @@ async def test_a_threads_write_queued_while_async_writes_are_owed_waits_for_few(
         "sync-2",
         *(f"async-{k}" for k in range(MAKE_WAY_AFTER, 200)),
     ]
+
+
+async def test_async_writes_have_a_share_of_every_commit_while_threads_keep_calling(
+    worker: CommitWorker,
+) -> None:
+    ran: dict[str, int] = {}  # operation -> transactions committed before it ran
+
+    def write(name: str, db: Db) -> str:
+        ran[name] = worker.commits
+        return _log(name, db)
+
+    stop = threading.Event()
+
+    def hammer(index: int) -> None:
+        calls = itertools.count()
+        while not stop.is_set():
+            worker.call(partial(write, f"sync-{index}-{next(calls)}"))
+
+    threads = [threading.Thread(target=hammer, args=(index,)) for index in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait_until(lambda: len(ran) > 30, "the threads to be writing")
+        # Made in one turn of the loop, so they are queued together, before any runs.
+        names = [f"async-{k}" for k in range(400)]
+        done = await asyncio.wait_for(
+            asyncio.gather(*(worker.acall(partial(write, name)) for name in names)), WAIT
+        )
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT)
+    assert done == names
+    with_async = {ran[name] for name in names}
+    # From the first to the last, no commit went by without async writes (a batch of
+    # threads' calls takes the first MAKE_WAY_AFTER queued ones along).
+    assert with_async == set(range(min(with_async), max(with_async) + 1))
+    assert len(with_async) <= len(names) // MAKE_WAY_AFTER + 1
 
 
 async def test_a_blocked_read_does_not_wait_for_the_writer(

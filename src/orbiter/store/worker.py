@@ -332,9 +332,6 @@ class CommitWorker:
         #: on together at the end of the turn (see ``acall``).
         self._staged: dict[asyncio.AbstractEventLoop, list[_Queued[Any]]] = {}
         self._async_writes = 0  # durable async writes between their call and their return
-        #: Async operations were passed over (a threads-only batch, or sent back by
-        #: _make_way): the next batch takes them too, after the threads'.
-        self._async_owed = False
         self._reader_lock = threading.Lock()  # whoever reads on the second connection
         self._reader: Db | None = None  # opened on first use, see _read_aside
         self._reader_pooled: Any = None
@@ -683,17 +680,13 @@ class CommitWorker:
                 self._engine.dispose()
 
     def _take_batch(self) -> list[_Queued[Any]]:
-        """The next batch (called holding ``_lock``): blocked threads' operations alone
-        if any wait, so a sync call never waits for queued async writes; otherwise
-        everything queued, up to ``MAX_BATCH``. When async operations were passed over
-        last time, threads' operations take them along, but only ``MAKE_WAY_AFTER`` of
-        them: so they progress, and a sync call waits for no more of them than when it
-        makes way in a running transaction."""
+        """The next batch (called holding ``_lock``): everything queued, up to
+        ``MAX_BATCH``, blocked threads' operations first. While threads wait, only the
+        first ``MAKE_WAY_AFTER`` async operations go along with theirs: a sync call then
+        waits for no more async writes than when it makes way into a running
+        transaction, and async writes still have a share of every commit while threads
+        keep calling."""
         batch = _take(self._urgent, MAX_BATCH)
-        if batch and not self._async_owed:
-            self._async_owed = bool(self._queue)
-            return batch
-        self._async_owed = False
         return batch + _take(self._queue, MAKE_WAY_AFTER if batch else MAX_BATCH)
 
     def _make_way(self, items: list[_Queued[Any]], ran: int) -> bool:
@@ -704,11 +697,11 @@ class CommitWorker:
         call waits for one commit, not for the rest of a large batch of async writes.
         """
         with self._lock:
-            joining = self._take_batch() if self._urgent else []
+            # Threads' operations only: queued async ones must not pass those sent back.
+            joining = _take(self._urgent, MAX_BATCH)
             if not joining:
                 return False
             waiting = items[ran:]
-            self._async_owed |= any(item.future is None for item in waiting)
             self._queue.extendleft(reversed([item for item in waiting if item.future is None]))
             del items[ran:]
             # Threads' operations already started (``wanted``) stay in this transaction.
