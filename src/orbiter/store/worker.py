@@ -13,9 +13,11 @@ one transaction, commits once, and only then answers each caller. So:
   writes, and one writing connection means a handler never fights itself for SQLite's
   lock;
 * a blocked thread's write takes the place of the async writes of the running batch that
-  have not started yet (they go on in the next batch), so it waits for one commit, not
-  for a batch of thousands; a blocked read runs on a second connection, which in WAL
-  mode does not wait for the writer at all.
+  have not started yet (they go on in the next batch), and a batch that starts with
+  threads' writes takes at most ``MAKE_WAY_AFTER`` async ones along, so it waits for one
+  commit, not for a batch of thousands, while async writes keep a share of every commit;
+  a blocked read runs on a second connection, which in WAL mode does not wait for the
+  writer at all.
 
 Operations must not write before raising a :class:`BackgroundTaskError` (they check with
 guarded statements first); such an error is the caller's answer and the batch goes on. Any
