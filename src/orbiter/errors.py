@@ -17,6 +17,7 @@ __all__ = [
     "HandlerClosedError",
     "InvalidValueError",
     "SchemaError",
+    "StoredValueError",
     "TaskAlreadyCompletedError",
     "TaskNotFoundError",
 ]
@@ -68,6 +69,11 @@ class InvalidValueError(BackgroundTaskError, TypeError, ValueError):
 
     It is also a ``TypeError`` and a ``ValueError`` so generic handlers catch it.
     """
+
+
+class StoredValueError(BackgroundTaskError, ValueError):
+    """A stored payload or result cannot be decoded (written by another codec, or edited
+    by hand). The row is left as it is: nothing that could not be read is removed."""
 
 
 class HandlerClosedError(BackgroundTaskError):

@@ -224,14 +224,28 @@ class JsonCodec:
         return json.loads(text)
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def encode_value(codec: Codec, value: Any, what: str, max_bytes: int) -> str:
-    """Encode ``value`` with ``codec``, turning any failure into :class:`InvalidValueError`."""
+    """Encode ``value`` with ``codec``, turning any failure into :class:`InvalidValueError`.
+
+    The text of a codec other than :class:`JsonCodec` is checked to be JSON (what the
+    stored form promises, and what ``json_extract`` reads)."""
     try:
         text = codec.dumps(value)
-    except (TypeError, ValueError, OverflowError, RecursionError) as exc:
+    except Exception as exc:  # a codec of the caller's may raise anything
         raise InvalidValueError(f"cannot store {what}: {exc}") from exc
     if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise InvalidValueError(f"codec.dumps returned {type(text).__name__}, expected str")
+    if type(codec).dumps is not JsonCodec.dumps:
+        try:
+            json.loads(text, parse_constant=_refuse_constant)
+        except (ValueError, RecursionError) as exc:
+            raise InvalidValueError(
+                f"cannot store {what}: codec.dumps returned text that is not JSON ({exc})"
+            ) from exc
     try:
         size = utf8_size(text)
     except UnicodeEncodeError as exc:

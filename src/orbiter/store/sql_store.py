@@ -32,6 +32,7 @@ from orbiter.errors import (
     DatabaseLockedError,
     DuplicateTaskError,
     InvalidValueError,
+    StoredValueError,
 )
 from orbiter.migrate import ensure_schema
 from orbiter.store import CommittedThenCancelled, PendingDrain, fork_gate, queries
@@ -220,19 +221,34 @@ class SqlStore:
         the row), a still-active row may be older than the object, which then stays as
         it is."""
         task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
-        task = self._tasks.get(task_id)
-        if task is None or task.parent_task_id != parent_task_id:
-            # None held, or the id was purged and submitted again for another run.
-            task = self._tasks[task_id] = BackgroundTask(
-                task_id, parent_task_id, payload=self._codec.loads(payload)
-            )
-        elif finished_before != self._finished_count and status in queries.ACTIVE_STATUSES:
-            return task
+        held = self._tasks.get(task_id)
+        if held is not None and held.parent_task_id == parent_task_id:
+            if finished_before != self._finished_count and status in queries.ACTIVE_STATUSES:
+                return held
+            task = held
+        else:  # None held, or the id was purged and submitted again for another run.
+            decoded_payload = self._decode(payload, task_id, "payload")
+            task = BackgroundTask(task_id, parent_task_id, payload=decoded_payload)
+        # Decoded before anything changes: a value that cannot be read changes nothing.
+        value = None if result is None else self._decode(result, task_id, "result")
+        if task is not held:
+            self._tasks[task_id] = task
         task.status = _STATUS_OF[status]
         task.merge_mode = _MERGE_MODE_OF[merge_mode] if merge_mode is not None else None
-        task.result = self._codec.loads(result) if result is not None else None
+        task.result = value
         task.error = error
         return task
+
+    def _decode(self, text: str, task_id: str, what: str) -> Any:
+        """Decode the stored ``what`` (payload or result) of ``task_id``, raising
+        :class:`StoredValueError` naming the task if the codec cannot."""
+        try:
+            return self._codec.loads(text)
+        except Exception as exc:
+            raise StoredValueError(
+                f"cannot decode the stored {what} of task {task_id!r} ({exc}); it was "
+                "written by another codec or edited by hand"
+            ) from exc
 
     def _encode(self, value: Any, what: str) -> str:
         return encode_value(self._codec, value, what, self._max_value_bytes)
@@ -262,8 +278,8 @@ class SqlStore:
         payload text first) and remembered if there is none."""
         task = self._tasks.get(task_id)
         if task is None:
-            task = BackgroundTask(task_id, row[0], payload=self._codec.loads(row[1]))
-            self._tasks[task_id] = task
+            payload = self._decode(row[1], task_id, "payload")
+            task = self._tasks[task_id] = BackgroundTask(task_id, row[0], payload=payload)
         return task
 
     def _finished(
@@ -404,11 +420,20 @@ class SqlStore:
 
         def pop_all(db: Db) -> list[TaskRow]:
             rows = claim(db)
+            for _seq, task_id, _parent, _status, _mode, payload, result, _error in rows:
+                try:  # every value readable, or nothing is removed
+                    self._decode(payload, task_id, "payload")
+                    if result is not None:
+                        self._decode(result, task_id, "result")
+                except StoredValueError as exc:
+                    raise _Undecodable(exc) from exc  # not a BackgroundTaskError: rolls back
             db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             return rows
 
         try:
             rows = self._worker.call(pop_all)
+        except _Undecodable as failed:
+            raise failed.error from failed.error.__cause__
         finally:
             self._live_claimers.discard(claimer)
         return [self._task_from_row(row[1:], finished) for row in rows]
@@ -728,6 +753,15 @@ class _Drain:
             return
         self._ended = True
         await self._store._free_claims(self._claimer, self._after)
+
+
+class _Undecodable(Exception):
+    """Carries a :class:`StoredValueError` out of an operation whose writes must roll
+    back (an operation's ``BackgroundTaskError`` is its answer, and its writes commit)."""
+
+    def __init__(self, error: StoredValueError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _newest_pending(db: Db) -> int | None:
