@@ -163,12 +163,53 @@ async def test_value_size_limit(db_path: Path) -> None:
         ({"max_value_bytes": 0}, "max_value_bytes"),
         ({"poll_interval": 0}, "poll_interval"),
         ({"busy_timeout": -1}, "busy_timeout"),
+        # SQLite holds it in milliseconds in a 32-bit int: beyond, it would not wait at all.
+        ({"busy_timeout": 3e6}, "busy_timeout"),
+        ({"busy_timeout": math.inf}, "busy_timeout"),
+        ({"busy_timeout": math.nan}, "busy_timeout"),
+        ({"busy_timeout": "5"}, "busy_timeout"),
+        ({"busy_timeout": True}, "busy_timeout"),
+        ({"max_value_bytes": True}, "max_value_bytes"),
+        ({"lease_timeout": 1e300}, "lease_timeout"),
+        ({"heartbeat_interval": 1e20, "lease_timeout": 1e21}, "heartbeat_interval"),
+        ({"poll_interval": math.inf}, "poll_interval"),
+        ({"codec": object()}, "codec must have dumps"),
         ({"state": "not a state"}, "RunState"),
     ],
 )
 def test_bad_constructor_options(db_path: Path, kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(BackgroundTaskError, match=match):
         BackgroundTaskHandler(database=db_path, **kwargs)
+    assert not db_path.exists()  # refused before anything was made
+
+
+@pytest.mark.parametrize(
+    "database",
+    [
+        "sqlite:///{dir}/q.db?timeout=abc",
+        "sqlite:///{dir}/q.db?check_same_thread=maybe",
+        "sqlite+aiosqlite:///{dir}/q.db?mode=ro",
+    ],
+)
+def test_url_query_parameters_are_refused_before_a_file_is_made(
+    database: str, tmp_path: Path
+) -> None:
+    with pytest.raises(BackgroundTaskError, match="query parameters"):
+        BackgroundTaskHandler(database=database.format(dir=tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_with_a_nul_character_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BackgroundTaskError, match="NUL"):
+        BackgroundTaskHandler(database=f"{tmp_path}/a\0b.db")
+
+
+async def test_a_wait_longer_than_a_float_can_hold_waits_as_long_as_none(
+    handler: BackgroundTaskHandler,
+) -> None:
+    handler.submit("t", "run")
+    await handler.handle_result("t", 1, is_main_running=False)
+    assert await handler.pending_queue.wait(10**400) is True
 
 
 @pytest.mark.parametrize(

@@ -37,6 +37,39 @@ def test_path_is_a_directory(tmp_path: Path) -> None:
         BackgroundTaskHandler(database=tmp_path)
 
 
+_OPEN_FIFO = """
+import sys
+from orbiter._internal.background import BackgroundTaskHandler
+try:
+    BackgroundTaskHandler(database=sys.argv[1])
+except Exception as exc:
+    print(type(exc).__name__, exc)
+"""
+
+
+def test_a_fifo_is_refused_not_read(tmp_path: Path) -> None:
+    # Reading a FIFO's first bytes would block until a writer came: in a child process,
+    # so that the old behaviour fails the test by its timeout instead of hanging it.
+    fifo = tmp_path / "tasks.db"
+    os.mkfifo(fifo)
+    handler = subprocess.run(
+        [sys.executable, "-c", _OPEN_FIFO, fifo],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert handler.stdout.startswith("DatabaseError") and "not a regular file" in handler.stdout
+    cli = subprocess.run(
+        [sys.executable, "-m", "orbiter.cli", "stats", "--db", fifo],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert cli.returncode == 1 and "not a regular file" in cli.stderr
+
+
 def test_not_a_sqlite_file(tmp_path: Path) -> None:
     target = tmp_path / "notes.txt"
     target.write_text("hello, this is not a database\n" * 100)

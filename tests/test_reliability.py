@@ -66,6 +66,17 @@ async def test_orphans_can_time_out(db_path: Path) -> None:
         assert handler.list_tasks(status=RunNodeStatus.RUNNING) == []
 
 
+async def test_a_resubmit_that_cannot_be_called_is_refused_before_any_orphan_is_touched(
+    db_path: Path,
+) -> None:
+    kill_after_submits(db_path, 2)
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        with pytest.raises(BackgroundTaskError, match="resubmit must be a callable"):
+            await handler.recover_orphans("resubmit", resubmit=5)  # type: ignore[arg-type]
+        assert len(handler.list_tasks(status=RunNodeStatus.RUNNING)) == 2
+        assert len(await handler.recover_orphans()) == 2  # still there to settle
+
+
 async def test_orphans_can_be_resubmitted(db_path: Path) -> None:
     kill_after_submits(db_path, 3)
     restarted: list[tuple[str, object]] = []

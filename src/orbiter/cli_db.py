@@ -126,6 +126,8 @@ def check_existing_file(target: DatabaseTarget) -> Path:
         raise CliError(f"no database at {path} (pass --db PATH or set {ENV_VAR})")
     if path.is_dir():
         raise CliError(f"{path} is a directory, not a database file")
+    if not path.is_file():  # a FIFO would block the read below
+        raise CliError(f"{path} is not a regular file, not a database file")
     with path.open("rb") as file:
         header = file.read(len(_SQLITE_HEADER))
     if not header:

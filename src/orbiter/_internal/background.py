@@ -16,6 +16,7 @@ import inspect
 import logging
 import math
 import os
+import threading
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from enum import StrEnum
@@ -28,7 +29,7 @@ from orbiter._internal.task import HOT, WAKEUP, BackgroundTask, MergeMode
 from orbiter.errors import BackgroundTaskError, InvalidValueError
 from orbiter.store import CommittedThenCancelled, TaskStore
 from orbiter.store.codec import Codec, JsonCodec, check_id
-from orbiter.store.engine import Synchronous, resolve_database
+from orbiter.store.engine import Synchronous, check_busy_timeout, resolve_database
 from orbiter.store.memory import MemoryStore
 from orbiter.store.sql_store import SqlStore
 
@@ -54,6 +55,10 @@ class OrphanAction(StrEnum):
     TIMEOUT = "timeout"  # mark it TIMEOUT
     RESUBMIT = "resubmit"  # adopt it (stays RUNNING) and hand it to a callback
 
+
+#: The longest wait a thread can make (about 292 years): longer intervals are refused, and
+#: a longer ``wait()`` timeout waits as long as None.
+_FOREVER = threading.TIMEOUT_MAX
 
 #: Default cap on one encoded payload or result (see ``max_value_bytes``).
 DEFAULT_MAX_VALUE_BYTES = 16 * 1024 * 1024
@@ -105,7 +110,9 @@ class PendingQueue:
                 raise InvalidValueError(
                     f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
                 )
-            if math.isnan(timeout) or timeout < 0:
+            if timeout > _FOREVER:  # (also an int too large for a float): as long as None
+                timeout = None
+            elif math.isnan(timeout) or timeout < 0:
                 raise InvalidValueError(f"timeout must be >= 0 seconds, not {timeout!r}")
         return await self._store.wait_pending(timeout)
 
@@ -139,7 +146,8 @@ class BackgroundTaskHandler:
             ``"NORMAL"`` (survives a process crash; faster, as commits skip the fsync).
         auto_migrate: Upgrade an older schema at open (default); False refuses instead,
             naming the command to run. A newer schema is always refused.
-        busy_timeout: Seconds to wait for another process holding the write lock.
+        busy_timeout: Seconds to wait for another process holding the write lock (0 to
+            about 24.8 days, what SQLite can hold).
         codec: Encodes payloads and results as JSON text (default: strict JSON).
         max_value_bytes: Largest encoded payload or result accepted (a longer
             ``handle_error`` text is stored truncated to about this size).
@@ -171,7 +179,11 @@ class BackgroundTaskHandler:
     ) -> None:
         if state is not None and not isinstance(state, RunState):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise InvalidValueError(f"state must be a RunState or None, not {type(state).__name__}")
-        if not isinstance(max_value_bytes, int) or max_value_bytes < 1:
+        if (
+            isinstance(max_value_bytes, bool)
+            or not isinstance(max_value_bytes, int)
+            or max_value_bytes < 1
+        ):
             raise InvalidValueError(
                 f"max_value_bytes must be a positive int, not {max_value_bytes!r}"
             )
@@ -180,8 +192,22 @@ class BackgroundTaskHandler:
             ("heartbeat_interval", heartbeat_interval),
             ("lease_timeout", lease_timeout),
         ):
-            if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-                raise InvalidValueError(f"{name} must be > 0 seconds, not {seconds!r}")
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds <= _FOREVER
+            ):
+                raise InvalidValueError(
+                    f"{name} must be > 0 and at most {_FOREVER:.0f} seconds, not {seconds!r}"
+                )
+        check_busy_timeout(busy_timeout)
+        if codec is not None and not (
+            callable(getattr(codec, "dumps", None)) and callable(getattr(codec, "loads", None))
+        ):
+            raise InvalidValueError(
+                f"codec must have dumps(value) -> str and loads(text) methods, not "
+                f"{type(codec).__name__}"
+            )
         if lease_timeout <= heartbeat_interval:
             raise InvalidValueError(
                 f"lease_timeout ({lease_timeout}) must exceed heartbeat_interval "
@@ -458,6 +484,10 @@ class BackgroundTaskHandler:
             ) from None
         if (chosen is OrphanAction.RESUBMIT) != (resubmit is not None):
             raise InvalidValueError("pass resubmit= exactly when action is 'resubmit'")
+        if resubmit is not None and not callable(resubmit):
+            raise InvalidValueError(
+                f"resubmit must be a callable taking the task, not {type(resubmit).__name__}"
+            )
         status = {
             OrphanAction.FAIL: "failed",
             OrphanAction.TIMEOUT: "timeout",

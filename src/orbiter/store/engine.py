@@ -27,8 +27,10 @@ from orbiter.errors import DatabaseError, InvalidValueError
 __all__ = [
     "ENV_VAR",
     "FULL_CHECK_MAX_BYTES",
+    "MAX_BUSY_TIMEOUT",
     "DatabaseTarget",
     "Synchronous",
+    "check_busy_timeout",
     "configure_sqlite_engine",
     "create_sync_engine",
     "enable_wal",
@@ -96,6 +98,8 @@ def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
         raise InvalidValueError("database must not be empty")
     if database == ":memory:":  # SQLite's name for a private in-memory database
         raise InvalidValueError(_NOT_DURABLE)
+    if "\0" in database:
+        raise InvalidValueError(f"database {database!r} holds a NUL character")
     if "://" not in database:
         path = Path(database).expanduser().resolve()
         return DatabaseTarget(URL.create("sqlite+pysqlite", database=str(path)), path)
@@ -111,6 +115,12 @@ def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
     name = url.database or ""
     if name in ("", ":memory:") or name.startswith("file:") or url.query.get("mode") == "memory":
         raise InvalidValueError(_NOT_DURABLE)
+    if url.query:  # (the driver would read them as it connects, after the file was made)
+        raise InvalidValueError(
+            f"database URL {url.render_as_string(hide_password=True)!r}: query parameters "
+            f"({', '.join(sorted(url.query))}) are not supported; the handler sets up its "
+            "connections itself (see its options, e.g. busy_timeout, synchronous)"
+        )
     path = Path(name).expanduser().resolve()
     return DatabaseTarget(url.set(drivername="sqlite+pysqlite", database=str(path)), path)
 
@@ -142,6 +152,10 @@ def check_sqlite_file(path: Path) -> bool:
         )
     if not path.exists():
         return False
+    if not path.is_file():  # a FIFO would block the read below; a device is no database
+        raise DatabaseError(f"cannot open database {path}: it is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise DatabaseError(f"cannot open database {path}: no permission to read the file")
     if not is_writable(path):
         raise DatabaseError(f"cannot open database {path}: the file is read-only")
     with path.open("rb") as file:
@@ -180,6 +194,23 @@ def is_writable(path: Path) -> bool:
     even for root, who would otherwise ignore the mode."""
     mode = path.stat().st_mode
     return os.access(path, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+#: SQLite keeps its busy timeout in milliseconds in a 32-bit int; beyond it, no wait at all.
+MAX_BUSY_TIMEOUT = (2**31 - 1) / 1000
+
+
+def check_busy_timeout(seconds: object) -> None:
+    """Refuse a ``busy_timeout`` SQLite cannot hold: not a number, negative, or over
+    :data:`MAX_BUSY_TIMEOUT` (about 24.8 days)."""
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 <= seconds <= MAX_BUSY_TIMEOUT
+    ):
+        raise InvalidValueError(
+            f"busy_timeout must be from 0 to {MAX_BUSY_TIMEOUT:.0f} seconds, not {seconds!r}"
+        )
 
 
 def configure_sqlite_engine(
@@ -222,8 +253,7 @@ def create_sync_engine(
     target: DatabaseTarget, *, synchronous: Synchronous = "FULL", busy_timeout: float = 30.0
 ) -> Engine:
     """A synchronous engine for ``target``, configured by :func:`configure_sqlite_engine`."""
-    if busy_timeout < 0:
-        raise InvalidValueError(f"busy_timeout must be >= 0 seconds, not {busy_timeout!r}")
+    check_busy_timeout(busy_timeout)
     engine = create_engine(
         target.url,
         poolclass=NullPool,
