@@ -314,10 +314,20 @@ def test_tasks_table(db: Path) -> None:
         (["--offset", "-1"], "at least 0"),
         (["--limit", "many"], "invalid integer"),
         (["--bogus"], "unrecognized arguments"),
+        # Beyond a date or a SQLite integer: usage errors, not tracebacks.
+        (["--older-than", "1000000d"], "too large"),
+        (["--newer-than", "99999999999999w"], "too large"),
+        (["--limit", "99999999999999999999999"], "at most 9223372036854775807"),
+        (["--offset", "9223372036854775808"], "at most 9223372036854775807"),
     ],
 )
 def test_tasks_bad_arguments(db: Path, args: list[str], message: str) -> None:
     assert message in fails("tasks", "--db", db, *args, code=2)
+
+
+def test_the_largest_age_and_limit_are_accepted(db: Path) -> None:
+    assert "a1" in ok("tasks", "--db", db, "--newer-than", "52178w", "--limit", str(2**63 - 1))
+    assert "too large" in fails("purge", "--db", db, "--older-than", "800000d", "--dry-run", code=2)
 
 
 # -- show ------------------------------------------------------------------------------

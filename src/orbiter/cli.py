@@ -102,6 +102,10 @@ def _age(text: str) -> tuple[str, timedelta]:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+#: The largest integer SQLite holds (a larger limit or offset is an OverflowError there).
+_MAX_SQL_INT = 2**63 - 1
+
+
 def _int_at_least(low: int) -> Callable[[str], int]:
     def convert(text: str) -> int:
         try:
@@ -110,6 +114,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        if value > _MAX_SQL_INT:
+            raise argparse.ArgumentTypeError(f"must be at most {_MAX_SQL_INT}, not {value}")
         return value
 
     return convert

@@ -70,6 +70,9 @@ class CliError(Exception):
 # -- arguments -------------------------------------------------------------------------
 
 
+_MAX_AGE_SECONDS = 1000 * 365.25 * 86400
+
+
 def parse_age(text: str) -> timedelta:
     """Parse an age such as ``90s``, ``10m``, ``2h``, ``3d``, ``1w`` or ``1h30m``.
 
@@ -83,6 +86,8 @@ def parse_age(text: str) -> timedelta:
             f"invalid age {text!r}: use a number and a unit s, m, h, d or w, e.g. 10m, 2h, 3d"
         )
     seconds = sum(float(part.group(1)) * _AGE_UNITS[part.group(2)] for part in parts)
+    if seconds > _MAX_AGE_SECONDS:  # its cutoff would fall before the year 1
+        raise ValueError(f"age {text!r} is too large: at most 1000 years (52178w)")
     return timedelta(seconds=seconds)
 
 
