@@ -16,7 +16,7 @@ from sqlalchemy import create_engine
 
 from orbiter import migrate
 from orbiter._internal.background import BackgroundTaskHandler
-from orbiter.errors import SchemaError
+from orbiter.errors import InvalidValueError, SchemaError
 from orbiter.store.schema import HEAD_REVISION, KNOWN_REVISIONS, metadata
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,18 @@ def test_handler_creates_the_same_schema_as_migrate(tmp_path: Path) -> None:
             ).fetchall()
 
     assert schema(by_handler) == schema(by_migrate)
+
+
+@pytest.mark.parametrize(
+    ("change", "revision"),
+    [("upgrade", "bogus"), ("upgrade", "head+1"), ("upgrade", "base"), ("downgrade", "head")],
+)
+def test_an_unknown_revision_is_refused_before_a_file_is_made(
+    db_path: Path, change: str, revision: str
+) -> None:
+    with pytest.raises(InvalidValueError, match="unknown revision"):
+        getattr(migrate, change)(str(db_path), revision)
+    assert not db_path.exists()
 
 
 def test_downgrade_base_then_upgrade_round_trip(db_path: Path) -> None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, text
 
-from orbiter.errors import SchemaError
+from orbiter.errors import InvalidValueError, SchemaError
 from orbiter.store.engine import (
     create_sync_engine,
     enable_wal,
@@ -212,6 +212,14 @@ def _revision_now(connection: Connection) -> str | None:
     return current_revision(connection)
 
 
+def _check_target(revision: object, end: str) -> None:
+    """Refuse a revision this code does not know before any file is opened or made."""
+    if revision != end and revision not in KNOWN_REVISIONS:
+        raise InvalidValueError(
+            f"unknown revision {revision!r}: use {end!r} or one of {', '.join(KNOWN_REVISIONS)}"
+        )
+
+
 def upgrade(database: str, revision: str = "head") -> str | None:
     """Upgrade the database at ``database`` (path or URL); return the new revision.
 
@@ -219,6 +227,7 @@ def upgrade(database: str, revision: str = "head") -> str | None:
     database is refused with :class:`~orbiter.errors.DatabaseError` before anything is
     written.
     """
+    _check_target(revision, "head")
     with _connect(database) as (where, connection):
         upgrade_connection(connection, where, revision)
         enable_wal(connection)
@@ -227,6 +236,7 @@ def upgrade(database: str, revision: str = "head") -> str | None:
 
 def downgrade(database: str, revision: str) -> str | None:
     """Downgrade the database at ``database`` to ``revision``; return the new revision."""
+    _check_target(revision, "base")
     with _connect(database) as (_, connection):
         downgrade_connection(connection, revision)
         return _revision_now(connection)
