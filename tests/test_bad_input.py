@@ -17,6 +17,7 @@ from orbiter._internal.state import RunNodeStatus, RunState
 from orbiter.errors import (
     DuplicateTaskError,
     InvalidValueError,
+    StoredValueError,
     TaskAlreadyCompletedError,
     TaskNotFoundError,
 )
@@ -287,6 +288,7 @@ def test_a_codec_returning_text_utf8_cannot_hold_is_refused_before_writing(
         TaskNotFoundError("a"),
         TaskAlreadyCompletedError("a", "success"),
         InvalidValueError("bad"),
+        StoredValueError("unreadable"),
     ],
 )
 def test_errors_survive_pickling_and_copying(error: BackgroundTaskError) -> None:
@@ -338,3 +340,17 @@ def test_a_pushed_task_gets_the_same_checks_as_submit_and_handle_error(db_path: 
     with sqlite3.connect(db_path) as connection:
         rows = connection.execute("SELECT length(error) FROM background_tasks").fetchall()
     assert all(length <= 1000 for (length,) in rows), rows
+
+
+async def test_a_pushed_task_of_another_run_than_the_stored_one_is_refused(
+    db_path: Path,
+) -> None:
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("r", "run")
+        impostor = BackgroundTask("r", "other-run")
+        impostor.complete({"x": 1})
+        with pytest.raises(InvalidValueError, match="belongs to run 'run'"):
+            handler.pending_queue.push(impostor)
+        assert table_counts(db_path) == (1, 0)
+        assert handler.get_task("r").status is RunNodeStatus.RUNNING  # type: ignore[union-attr]
+        assert [task async for task in handler.drain_pending(parent_task_id="other-run")] == []

@@ -188,6 +188,12 @@ def task_status() -> AnySelect:
 
 
 @cache
+def task_parent() -> AnySelect:
+    """The run (``parent_task_id``) of one task."""
+    return select(tasks.c.parent_task_id).where(tasks.c.task_id == bindparam("id"))
+
+
+@cache
 def select_task() -> AnySelect:
     """One task by id."""
     return select(*TASK_COLUMNS).where(tasks.c.task_id == bindparam("id"))

@@ -403,6 +403,14 @@ class SqlStore:
         acks = self._acks
 
         def push(db: Db) -> None:
+            stored = db.scalar(queries.task_parent(), {"id": task.task_id})
+            if stored is not None and stored != task.parent_task_id:
+                # Another run's task by this id: queued here, no drain of the pushed run
+                # would see it. Refused before anything is written.
+                raise InvalidValueError(
+                    f"cannot push task {task.task_id!r} for run {task.parent_task_id!r}: "
+                    f"the stored task by that id belongs to run {stored!r}"
+                )
             params["now"] = db.now
             db.execute(queries.insert_pushed_task(), params)
             enqueue(db, task.task_id, acks)
