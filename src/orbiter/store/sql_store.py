@@ -222,15 +222,26 @@ class SqlStore:
         it is."""
         task_id, parent_task_id, status, merge_mode, payload, result, error = row[:7]
         held = self._tasks.get(task_id)
-        if held is not None and held.parent_task_id == parent_task_id:
-            if finished_before != self._finished_count and status in queries.ACTIVE_STATUSES:
-                return held
-            task = held
-        else:  # None held, or the id was purged and submitted again for another run.
-            decoded_payload = self._decode(payload, task_id, "payload")
-            task = BackgroundTask(task_id, parent_task_id, payload=decoded_payload)
+        if held is not None and held.parent_task_id != parent_task_id:
+            held = None  # the id was purged and submitted again for another run
+        if (
+            held is not None
+            and finished_before != self._finished_count
+            and status in queries.ACTIVE_STATUSES
+        ):
+            return held
         # Decoded before anything changes: a value that cannot be read changes nothing.
-        value = None if result is None else self._decode(result, task_id, "result")
+        # (Inline, not through _decode: this runs for every item a drain hands out.)
+        what = "payload"
+        try:
+            if held is None:
+                task = BackgroundTask(task_id, parent_task_id, payload=self._codec.loads(payload))
+            else:
+                task = held
+            what = "result"
+            value = None if result is None else self._codec.loads(result)
+        except Exception as exc:
+            raise _undecodable(task_id, what, exc) from exc
         if task is not held:
             self._tasks[task_id] = task
         task.status = _STATUS_OF[status]
@@ -245,10 +256,7 @@ class SqlStore:
         try:
             return self._codec.loads(text)
         except Exception as exc:
-            raise StoredValueError(
-                f"cannot decode the stored {what} of task {task_id!r} ({exc}); it was "
-                "written by another codec or edited by hand"
-            ) from exc
+            raise _undecodable(task_id, what, exc) from exc
 
     def _encode(self, value: Any, what: str) -> str:
         return encode_value(self._codec, value, what, self._max_value_bytes)
@@ -761,6 +769,13 @@ class _Drain:
             return
         self._ended = True
         await self._store._free_claims(self._claimer, self._after)
+
+
+def _undecodable(task_id: str, what: str, exc: Exception) -> StoredValueError:
+    return StoredValueError(
+        f"cannot decode the stored {what} of task {task_id!r} ({exc}); it was written by "
+        "another codec or edited by hand"
+    )
 
 
 class _Undecodable(Exception):
