@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
@@ -65,7 +66,10 @@ def test_status_filter_must_be_run_node_status(
     assert handler.list_tasks(status=RunNodeStatus.RUNNING) == []
 
 
-@pytest.mark.parametrize("timeout", [-1, -0.001, math.nan, "1", True])
+@pytest.mark.parametrize(
+    "timeout",
+    [-1, -0.001, math.nan, -math.inf, pytest.param(-(10**400), id="-10**400"), "1", True],
+)
 async def test_bad_wait_timeout(handler: BackgroundTaskHandler, timeout: Any) -> None:
     with pytest.raises(BackgroundTaskError, match="timeout"):
         await handler.pending_queue.wait(timeout)
@@ -208,6 +212,8 @@ def test_a_path_with_a_nul_character_is_refused(tmp_path: Path) -> None:
 async def test_a_wait_longer_than_a_float_can_hold_waits_as_long_as_none(
     handler: BackgroundTaskHandler,
 ) -> None:
+    with pytest.raises(TimeoutError):  # it does wait
+        await asyncio.wait_for(handler.pending_queue.wait(10**400), 0.2)
     handler.submit("t", "run")
     await handler.handle_result("t", 1, is_main_running=False)
     assert await handler.pending_queue.wait(10**400) is True

@@ -19,7 +19,7 @@ import pytest
 
 from orbiter._internal.background import BackgroundTask, BackgroundTaskHandler, MergeMode
 from orbiter._internal.state import RunNodeStatus, RunState
-from orbiter.errors import BackgroundTaskError
+from orbiter.errors import BackgroundTaskError, StoredValueError
 from orbiter.store.codec import JsonCodec
 from tests.conftest import run_helper
 from tests.test_crash import kill, read_until, start_child
@@ -75,6 +75,26 @@ async def test_a_resubmit_that_cannot_be_called_is_refused_before_any_orphan_is_
             await handler.recover_orphans("resubmit", resubmit=5)  # type: ignore[arg-type]
         assert len(handler.list_tasks(status=RunNodeStatus.RUNNING)) == 2
         assert len(await handler.recover_orphans()) == 2  # still there to settle
+
+
+async def test_an_orphan_whose_payload_cannot_be_read_settles_nothing(db_path: Path) -> None:
+    kill_after_submits(db_path, 2)
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE background_tasks SET payload = '{bad' WHERE task_id = 't0'")
+    db.close()
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        with pytest.raises(StoredValueError, match="stored payload of task 't0'"):
+            await handler.recover_orphans("resubmit", resubmit=_never_called)
+        with sqlite3.connect(db_path) as db:
+            statuses = db.execute("SELECT DISTINCT status FROM background_tasks").fetchall()
+            db.execute("UPDATE background_tasks SET payload = '{}' WHERE task_id = 't0'")
+        db.close()
+        assert statuses == [("running",)]
+        assert {task.task_id for task in await handler.recover_orphans()} == {"t0", "t1"}
+
+
+async def _never_called(task: BackgroundTask) -> None:
+    raise AssertionError(f"resubmitted {task.task_id} although nothing was settled")
 
 
 async def test_orphans_can_be_resubmitted(db_path: Path) -> None:

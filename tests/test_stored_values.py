@@ -4,6 +4,7 @@ is removed or half-applied."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,28 @@ def set_column(db_path: Path, task_id: str, column: str, text: str) -> None:
     db.close()
 
 
+def claimed_count(db_path: Path) -> int:
+    db = sqlite3.connect(db_path)
+    try:
+        (count,) = db.execute(
+            "SELECT count(*) FROM pending_queue WHERE claimed_by IS NOT NULL"
+        ).fetchone()
+    finally:
+        db.close()
+    return int(count)
+
+
+def task_status(db_path: Path, task_id: str) -> str:
+    db = sqlite3.connect(db_path)
+    try:
+        (status,) = db.execute(
+            "SELECT status FROM background_tasks WHERE task_id = ?", (task_id,)
+        ).fetchone()
+    finally:
+        db.close()
+    return str(status)
+
+
 def pending_ids(db_path: Path) -> list[str]:
     db = sqlite3.connect(db_path)
     try:
@@ -52,6 +75,7 @@ async def test_pop_all_removes_nothing_when_one_result_cannot_be_read(db_path: P
         with pytest.raises(StoredValueError, match=r"stored result of task 'q2'"):
             handler.pending_queue.pop_all()
         assert handler.pending_queue.size == 5
+        assert claimed_count(db_path) == 0  # the claim rolled back too, not left held
     # Nothing is left claimed either: fixed by hand, every item comes out, in order.
     assert pending_ids(db_path) == ids
     set_column(db_path, "q2", "result", '{"r": "q2"}')
@@ -134,6 +158,7 @@ async def test_any_error_of_a_codec_is_reported_as_a_stored_value_error(db_path:
             handler.pending_queue.pop_all()
         assert isinstance(caught.value.__cause__, RuntimeError)
         assert handler.pending_queue.size == 2
+        assert claimed_count(db_path) == 0
 
 
 class _NotJsonCodec(JsonCodec):
@@ -172,3 +197,39 @@ def test_a_codec_writing_nan_is_refused(db_path: Path) -> None:
         pytest.raises(InvalidValueError, match="NaN is not JSON"),
     ):
         handler.submit("t", "run", payload=1)
+
+
+async def test_finishing_a_task_whose_payload_cannot_be_read_changes_nothing(
+    db_path: Path,
+) -> None:
+    # Finishing builds the task's object from its stored payload (for on_merge callbacks,
+    # and for handle_error's own bookkeeping): it is decoded before the finish commits.
+    async with BackgroundTaskHandler(database=db_path) as handler:
+        handler.submit("a", "run", payload={"p": 1})
+        handler.submit("b", "run", payload={"p": 2})
+    set_column(db_path, "a", "payload", "{bad")
+    set_column(db_path, "b", "payload", "{bad")
+    merged: list[str] = []
+    async with BackgroundTaskHandler(database=db_path) as handler:
+
+        async def on_merge(task: Any, mode: MergeMode) -> None:
+            merged.append(task.task_id)
+
+        handler.on_merge(on_merge)
+        with pytest.raises(StoredValueError, match=r"stored payload of task 'a'"):
+            await handler.handle_result("a", {"r": 1}, is_main_running=True)
+        with pytest.raises(StoredValueError, match=r"stored payload of task 'b'"):
+            handler.handle_error("b", "boom")
+        assert (task_status(db_path, "a"), task_status(db_path, "b")) == ("running", "running")
+        assert merged == []
+        set_column(db_path, "a", "payload", '{"p": 1}')
+        assert await handler.handle_result("a", {"r": 1}) is MergeMode.HOT
+        assert merged == ["a"]
+
+
+def test_a_codec_module_works(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path, codec=json) as handler:  # type: ignore[arg-type]
+        handler.submit("t", "run", payload={"k": [1, 2]})
+    with BackgroundTaskHandler(database=db_path, codec=json) as handler:  # type: ignore[arg-type]
+        task = handler.get_task("t")
+        assert task is not None and task.payload == {"k": [1, 2]}

@@ -110,10 +110,11 @@ class PendingQueue:
                 raise InvalidValueError(
                     f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
                 )
-            if timeout > _FOREVER:  # (also an int too large for a float): as long as None
-                timeout = None
-            elif math.isnan(timeout) or timeout < 0:
+            # (Compared before isnan(), which cannot take an int too large for a float.)
+            if timeout < 0 or (not timeout > _FOREVER and math.isnan(timeout)):
                 raise InvalidValueError(f"timeout must be >= 0 seconds, not {timeout!r}")
+            if timeout > _FOREVER:
+                timeout = None  # as long as None
         return await self._store.wait_pending(timeout)
 
     @property

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from functools import partial
 from typing import Any
 
@@ -282,13 +282,36 @@ class SqlStore:
         self._tasks[task.task_id] = task
 
     def _held_task(self, task_id: str, row: TaskRow) -> BackgroundTask:
-        """The object this handler holds for ``task_id``, made from ``row`` (parent id and
-        payload text first) and remembered if there is none."""
+        """The object this handler holds for ``task_id``, made from ``row`` (its parent id
+        and decoded payload, see :meth:`_finishing`) and remembered if there is none."""
         task = self._tasks.get(task_id)
         if task is None:
-            payload = self._decode(row[1], task_id, "payload")
-            task = self._tasks[task_id] = BackgroundTask(task_id, row[0], payload=payload)
+            task = self._tasks[task_id] = BackgroundTask(task_id, row[0], payload=row[1])
         return task
+
+    def _finishing(self, finish: Finish) -> Operation[TaskRow | None]:
+        """``finish``, and if it returns the task's row (to build an object from), its
+        payload decoded in the same transaction: a payload that cannot be decoded rolls
+        the finish back (see :func:`_undecodable_raised`) rather than fail once it is
+        committed."""
+        if not finish.returning:
+            return finish
+        decode = self._decoded_in_transaction
+
+        def finish_and_decode(db: Db) -> TaskRow:
+            row = finish(db)
+            assert row is not None  # (a finish that changes nothing raises)
+            return row[0], decode(row[1], finish.task_id, "payload")
+
+        return finish_and_decode
+
+    def _decoded_in_transaction(self, text: str, task_id: str, what: str) -> Any:
+        """:meth:`_decode` inside an operation: a value that cannot be decoded rolls the
+        operation's transaction back (see :class:`_Undecodable`)."""
+        try:
+            return self._decode(text, task_id, what)
+        except StoredValueError as exc:
+            raise _Undecodable(exc) from exc
 
     def _finished(
         self, task_id: str, held: BackgroundTask | None, row: TaskRow | None
@@ -311,15 +334,18 @@ class SqlStore:
         # The object someone holds must show the result; nobody else needs one built,
         # and only building one needs the row back.
         held = self._tasks.get(task_id)
-        operation = Finish(
-            task_id,
-            queries.complete_task,
-            params,
-            returning=want_task and held is None,
-            enqueue=mode is WAKEUP,
+        operation = self._finishing(
+            Finish(
+                task_id,
+                queries.complete_task,
+                params,
+                returning=want_task and held is None,
+                enqueue=mode is WAKEUP,
+            )
         )
         try:
-            row = await self._worker.acall(operation, report_committed=True)
+            with _undecodable_raised():
+                row = await self._worker.acall(operation, report_committed=True)
         except CommittedThenCancelled as committed:
             committed.result = self._completed(task_id, held, committed.result, result, mode)
             raise
@@ -363,10 +389,11 @@ class SqlStore:
         error = self._storable_error(error)
         params = {"id": task_id, "error": error}
         held = self._tasks.get(task_id)
-        operation = Finish(
-            task_id, queries.fail_task, params, returning=held is None, enqueue=False
+        operation = self._finishing(
+            Finish(task_id, queries.fail_task, params, returning=held is None, enqueue=False)
         )
-        row = self._worker.call(operation)
+        with _undecodable_raised():
+            row = self._worker.call(operation)
         task = self._finished(task_id, held, row)
         assert task is not None  # held, or built from the row
         task.fail(error)
@@ -428,6 +455,14 @@ class SqlStore:
         self._tasks.setdefault(task.task_id, task)
         self.pending_signal.notify()
 
+    def _check_decodable(self, row: TaskRow) -> None:
+        """In an operation: roll it back unless the payload and result of task ``row``
+        (see ``queries.TASK_COLUMNS``) can be decoded."""
+        task_id, payload, result = row[0], row[4], row[5]
+        self._decoded_in_transaction(payload, task_id, "payload")
+        if result is not None:
+            self._decoded_in_transaction(result, task_id, "result")
+
     def pop_all_pending(self) -> list[BackgroundTask]:
         claimer = self._new_claimer()
         finished = self._finished_count
@@ -436,20 +471,15 @@ class SqlStore:
 
         def pop_all(db: Db) -> list[TaskRow]:
             rows = claim(db)
-            for _seq, task_id, _parent, _status, _mode, payload, result, _error in rows:
-                try:  # every value readable, or nothing is removed
-                    self._decode(payload, task_id, "payload")
-                    if result is not None:
-                        self._decode(result, task_id, "result")
-                except StoredValueError as exc:
-                    raise _Undecodable(exc) from exc  # not a BackgroundTaskError: rolls back
+            for _seq, *task_row in rows:
+                check_decodable(task_row)  # every value readable, or nothing is removed
             db.execute(queries.acknowledge_all_claimed(), {"claimer": claimer})
             return rows
 
+        check_decodable = self._check_decodable
         try:
-            rows = self._worker.call(pop_all)
-        except _Undecodable as failed:
-            raise failed.error from failed.error.__cause__
+            with _undecodable_raised():
+                rows = self._worker.call(pop_all)
         finally:
             self._live_claimers.discard(claimer)
         return [self._task_from_row(row[1:], finished) for row in rows]
@@ -575,6 +605,8 @@ class SqlStore:
                     "error": f"orphaned: {reason}",
                 }
                 rows = db.all(queries.settle_orphans(action), params)
+                for row in rows:  # objects are made of them: readable, or nothing settles
+                    check_decodable(row)
                 settled.extend((tuple(row), reason) for row in rows)
             for owner_id, row in owners_by_id.items():
                 if owner_id != me.owner_id and owner_gone_reason(row, me, now) is not None:
@@ -582,8 +614,10 @@ class SqlStore:
                     forget_owner_if_unused(db, owner_id)
             return settled
 
+        check_decodable = self._check_decodable
         try:
-            rows = await self._worker.acall(recover, report_committed=True)
+            with _undecodable_raised():
+                rows = await self._worker.acall(recover, report_committed=True)
         except CommittedThenCancelled as committed:
             # Rows the settling just wrote: none is older than an object held.
             committed.result = [
@@ -785,6 +819,15 @@ class _Undecodable(Exception):
     def __init__(self, error: StoredValueError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+@contextlib.contextmanager
+def _undecodable_raised() -> Iterator[None]:
+    """Raise the :class:`StoredValueError` an operation rolled back for."""
+    try:
+        yield
+    except _Undecodable as failed:
+        raise failed.error from failed.error.__cause__
 
 
 def _newest_pending(db: Db) -> int | None:
