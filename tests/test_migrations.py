@@ -79,15 +79,29 @@ def test_handler_creates_the_same_schema_as_migrate(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "revision"),
-    [("upgrade", "bogus"), ("upgrade", "head+1"), ("upgrade", "base"), ("downgrade", "head")],
+    ("change", "revision", "message"),
+    [
+        ("upgrade", "bogus", "unknown revision"),
+        ("upgrade", "9999", "unknown revision"),
+        ("upgrade", "base", "cannot upgrade to 'base'"),
+        ("downgrade", "head", "cannot downgrade to 'head'"),
+    ],
 )
 def test_an_unknown_revision_is_refused_before_a_file_is_made(
-    db_path: Path, change: str, revision: str
+    db_path: Path, change: str, revision: str, message: str
 ) -> None:
-    with pytest.raises(InvalidValueError, match="unknown revision"):
+    with pytest.raises(InvalidValueError, match=message):
         getattr(migrate, change)(str(db_path), revision)
     assert not db_path.exists()
+
+
+def test_relative_steps_move_through_the_history(db_path: Path) -> None:
+    assert migrate.upgrade(str(db_path), "+1") == KNOWN_REVISIONS[0]
+    assert migrate.upgrade(str(db_path), "heads") == HEAD_REVISION
+    assert migrate.downgrade(str(db_path), "-1") == KNOWN_REVISIONS[-2]
+    with pytest.raises(InvalidValueError, match="Relative revision"):
+        migrate.upgrade(str(db_path), "+9")
+    assert migrate.upgrade(str(db_path)) == HEAD_REVISION
 
 
 def test_downgrade_base_then_upgrade_round_trip(db_path: Path) -> None:

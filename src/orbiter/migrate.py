@@ -8,6 +8,7 @@ revision cheaply (one query, no Alembic import) and only loads Alembic to change
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -166,7 +167,8 @@ def upgrade_connection(
             ):
                 return
             before = current_revision(connection)
-            command.upgrade(alembic_config(connection), revision)
+            with _alembic_errors():
+                command.upgrade(alembic_config(connection), revision)
             check_foreign_keys(connection)
             logger.info("migrated %s from %s to %s", where, before, current_revision(connection))
     finally:
@@ -179,7 +181,7 @@ def downgrade_connection(connection: Connection, revision: str) -> None:
 
     run_pragma(connection, "PRAGMA foreign_keys=OFF")
     try:
-        with connection.begin():
+        with connection.begin(), _alembic_errors():
             command.downgrade(alembic_config(connection), revision)
     finally:
         run_pragma(connection, "PRAGMA foreign_keys=ON")
@@ -212,12 +214,37 @@ def _revision_now(connection: Connection) -> str | None:
     return current_revision(connection)
 
 
+#: A step relative to a revision, as Alembic takes it: ``+1``, ``-2``, ``head-1``, ``0003+1``.
+_RELATIVE = re.compile(r"(?:heads?|base|\d{4})?[+-]\d+")
+
+
 def _check_target(revision: object, end: str) -> None:
-    """Refuse a revision this code does not know before any file is opened or made."""
-    if revision != end and revision not in KNOWN_REVISIONS:
-        raise InvalidValueError(
-            f"unknown revision {revision!r}: use {end!r} or one of {', '.join(KNOWN_REVISIONS)}"
-        )
+    """Refuse a target revision this code does not know (or the wrong end of the history
+    for the change) before any file is opened or made. ``end`` is ``"head"`` for an
+    upgrade, ``"base"`` for a downgrade."""
+    ends = ("head", "heads") if end == "head" else ("base",)
+    if revision in ends or revision in KNOWN_REVISIONS:
+        return
+    if isinstance(revision, str) and _RELATIVE.fullmatch(revision):
+        return  # (Alembic says if the step goes past either end: see _alembic_errors)
+    change = "upgrade" if end == "head" else "downgrade"
+    if revision in ("head", "heads", "base"):
+        raise InvalidValueError(f"cannot {change} to {revision!r}")
+    raise InvalidValueError(
+        f"unknown revision {revision!r} to {change} to: use {end!r}, one of "
+        f"{', '.join(KNOWN_REVISIONS)}, or a relative step such as -1"
+    )
+
+
+@contextmanager
+def _alembic_errors() -> Iterator[None]:
+    """Alembic's refusal of a target (a relative step past the end) as our error."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        raise InvalidValueError(f"cannot migrate: {exc}") from exc
 
 
 def upgrade(database: str, revision: str = "head") -> str | None:

@@ -7,11 +7,12 @@ writes), so the driver's own implicit transactions are switched off.
 
 from __future__ import annotations
 
+import math
 import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,47 @@ _NOT_DURABLE = (
 )
 
 
+def _is_seconds(text: str) -> bool:
+    try:
+        return 0 <= float(text) < math.inf
+    except ValueError:
+        return False
+
+
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _is_bool(text: str) -> bool:
+    return text.lower() in ("true", "false", "yes", "no", "on", "off", "t", "f", "y", "n", "1", "0")
+
+
+#: The query parameters a SQLite URL may carry (pysqlite's, with the values it accepts).
+#: ``timeout`` and ``check_same_thread`` are accepted for URLs written for SQLAlchemy, but
+#: the handler's own ``busy_timeout`` and threading decide them.
+_URL_PARAMETERS: dict[str, Callable[[str], bool]] = {
+    "timeout": _is_seconds,
+    "check_same_thread": _is_bool,
+    "cached_statements": _is_count,
+}
+
+
+def _check_url_query(url: URL) -> None:
+    """Refuse a query parameter the driver would reject only as it connects (after the
+    file was made), or one that changes what the file is (``mode=ro``, ``immutable``...)."""
+    shown = url.render_as_string(hide_password=True)
+    for key, values in url.query.items():
+        check = _URL_PARAMETERS.get(key)
+        if check is None:
+            raise InvalidValueError(
+                f"database URL {shown!r}: query parameter {key!r} is not supported (only "
+                f"{', '.join(_URL_PARAMETERS)}); the handler sets up its connections itself"
+            )
+        for value in (values,) if isinstance(values, str) else values:
+            if not check(value):
+                raise InvalidValueError(f"database URL {shown!r}: bad value {key}={value!r}")
+
+
 def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
     """Turn a filesystem path or SQLAlchemy URL into a :class:`DatabaseTarget`.
 
@@ -115,12 +157,7 @@ def resolve_database(database: str | os.PathLike[str]) -> DatabaseTarget:
     name = url.database or ""
     if name in ("", ":memory:") or name.startswith("file:") or url.query.get("mode") == "memory":
         raise InvalidValueError(_NOT_DURABLE)
-    if url.query:  # (the driver would read them as it connects, after the file was made)
-        raise InvalidValueError(
-            f"database URL {url.render_as_string(hide_password=True)!r}: query parameters "
-            f"({', '.join(sorted(url.query))}) are not supported; the handler sets up its "
-            "connections itself (see its options, e.g. busy_timeout, synchronous)"
-        )
+    _check_url_query(url)
     path = Path(name).expanduser().resolve()
     return DatabaseTarget(url.set(drivername="sqlite+pysqlite", database=str(path)), path)
 
