@@ -104,7 +104,9 @@ async def test_push_never_overwrites_a_completed_task(durable: BackgroundTaskHan
     durable.submit("a", "run")
     await durable.handle_result("a", {"secret": 1}, is_main_running=False)
     durable.pending_queue.pop_all()
-    durable.pending_queue.push(BackgroundTask("a", "other-run"))
+    with pytest.raises(BackgroundTaskError, match="belongs to run 'run'"):
+        durable.pending_queue.push(BackgroundTask("a", "other-run"))  # another run's id
+    durable.pending_queue.push(BackgroundTask("a", "run"))  # an empty object of the same id
     task = durable.get_task("a")
     assert task is not None and task.status is RunNodeStatus.SUCCESS
     assert task.result == {"secret": 1} and task.parent_task_id == "run"
@@ -361,7 +363,7 @@ def test_pushing_another_object_with_a_known_id_keeps_the_handed_out_one(
     handler: BackgroundTaskHandler,
 ) -> None:
     original = handler.submit("x", "run", payload={"p": 1})
-    other = BackgroundTask("x", "other-run", payload={"p": 2})
+    other = BackgroundTask("x", "run", payload={"p": 2})
     other.complete("r")
     handler.pending_queue.push(other)
     got = handler.get_task("x")
