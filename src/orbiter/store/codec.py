@@ -18,7 +18,16 @@ import orjson
 
 from orbiter.errors import InvalidValueError
 
-__all__ = ["Codec", "JsonCodec", "check_id", "is_unicode_text", "utc_now_text", "utf8_size"]
+__all__ = [
+    "Codec",
+    "JsonCodec",
+    "check_id",
+    "encode_value",
+    "is_unicode_text",
+    "utc_now_text",
+    "utf8_size",
+    "writes_checked_json",
+]
 
 TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -228,18 +237,27 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def encode_value(codec: Codec, value: Any, what: str, max_bytes: int) -> str:
+def writes_checked_json(codec: Codec) -> bool:
+    """Whether ``codec`` writes JSON the way :class:`JsonCodec` does (checked as it is
+    made); the text of any other codec must be checked by :func:`encode_value`."""
+    return getattr(type(codec), "dumps", None) is JsonCodec.dumps  # (a module has none)
+
+
+def encode_value(
+    codec: Codec, value: Any, what: str, max_bytes: int, *, check_json: bool = True
+) -> str:
     """Encode ``value`` with ``codec``, turning any failure into :class:`InvalidValueError`.
 
-    The text of a codec other than :class:`JsonCodec` is checked to be JSON (what the
-    stored form promises, and what ``json_extract`` reads)."""
+    If ``check_json`` (a codec for which :func:`writes_checked_json` is False), its text
+    is checked to be JSON: what the stored form promises, and what ``json_extract``
+    reads."""
     try:
         text = codec.dumps(value)
     except Exception as exc:  # a codec of the caller's may raise anything
         raise InvalidValueError(f"cannot store {what}: {exc}") from exc
     if not isinstance(text, str):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise InvalidValueError(f"codec.dumps returned {type(text).__name__}, expected str")
-    if getattr(type(codec), "dumps", None) is not JsonCodec.dumps:  # (a module has none)
+    if check_json:
         try:
             json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:

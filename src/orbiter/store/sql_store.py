@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from functools import partial
 from typing import Any
 
@@ -52,6 +52,7 @@ from orbiter.store.codec import (
     is_unicode_text,
     utc_now_text,
     utf8_size,
+    writes_checked_json,
 )
 from orbiter.store.drain_acks import AckFile, claimer_key
 from orbiter.store.engine import (
@@ -140,6 +141,7 @@ class SqlStore:
         self._target = target
         self._where = target.describe()
         self._codec = codec
+        self._check_json = not writes_checked_json(codec)
         self._max_value_bytes = max_value_bytes
         self._poll_interval = poll_interval
         self._tasks = HeldTasks()
@@ -259,7 +261,9 @@ class SqlStore:
             raise _undecodable(task_id, what, exc) from exc
 
     def _encode(self, value: Any, what: str) -> str:
-        return encode_value(self._codec, value, what, self._max_value_bytes)
+        return encode_value(
+            self._codec, value, what, self._max_value_bytes, check_json=self._check_json
+        )
 
     # -- TaskStore -----------------------------------------------------------------
 
@@ -292,7 +296,7 @@ class SqlStore:
     def _finishing(self, finish: Finish) -> Operation[TaskRow | None]:
         """``finish``, and if it returns the task's row (to build an object from), its
         payload decoded in the same transaction: a payload that cannot be decoded rolls
-        the finish back (see :func:`_undecodable_raised`) rather than fail once it is
+        the finish back (see :class:`_Undecodable`) rather than fail once it is
         committed."""
         if not finish.returning:
             return finish
@@ -334,21 +338,22 @@ class SqlStore:
         # The object someone holds must show the result; nobody else needs one built,
         # and only building one needs the row back.
         held = self._tasks.get(task_id)
-        operation = self._finishing(
-            Finish(
-                task_id,
-                queries.complete_task,
-                params,
-                returning=want_task and held is None,
-                enqueue=mode is WAKEUP,
-            )
+        finish = Finish(
+            task_id,
+            queries.complete_task,
+            params,
+            returning=want_task and held is None,
+            enqueue=mode is WAKEUP,
         )
+        # (Not called when no row comes back: this is the per-call path.)
+        operation = self._finishing(finish) if finish.returning else finish
         try:
-            with _undecodable_raised():
-                row = await self._worker.acall(operation, report_committed=True)
+            row = await self._worker.acall(operation, report_committed=True)
         except CommittedThenCancelled as committed:
             committed.result = self._completed(task_id, held, committed.result, result, mode)
             raise
+        except _Undecodable as failed:  # (a try costs nothing here; a with would, per call)
+            raise failed.error from failed.error.__cause__
         return self._completed(task_id, held, row, result, mode)
 
     def _completed(
@@ -392,8 +397,10 @@ class SqlStore:
         operation = self._finishing(
             Finish(task_id, queries.fail_task, params, returning=held is None, enqueue=False)
         )
-        with _undecodable_raised():
+        try:
             row = self._worker.call(operation)
+        except _Undecodable as failed:
+            raise failed.error from failed.error.__cause__
         task = self._finished(task_id, held, row)
         assert task is not None  # held, or built from the row
         task.fail(error)
@@ -478,8 +485,9 @@ class SqlStore:
 
         check_decodable = self._check_decodable
         try:
-            with _undecodable_raised():
-                rows = self._worker.call(pop_all)
+            rows = self._worker.call(pop_all)
+        except _Undecodable as failed:
+            raise failed.error from failed.error.__cause__
         finally:
             self._live_claimers.discard(claimer)
         return [self._task_from_row(row[1:], finished) for row in rows]
@@ -616,8 +624,9 @@ class SqlStore:
 
         check_decodable = self._check_decodable
         try:
-            with _undecodable_raised():
-                rows = await self._worker.acall(recover, report_committed=True)
+            rows = await self._worker.acall(recover, report_committed=True)
+        except _Undecodable as failed:
+            raise failed.error from failed.error.__cause__
         except CommittedThenCancelled as committed:
             # Rows the settling just wrote: none is older than an object held.
             committed.result = [
@@ -814,20 +823,12 @@ def _undecodable(task_id: str, what: str, exc: Exception) -> StoredValueError:
 
 class _Undecodable(Exception):
     """Carries a :class:`StoredValueError` out of an operation whose writes must roll
-    back (an operation's ``BackgroundTaskError`` is its answer, and its writes commit)."""
+    back (an operation's ``BackgroundTaskError`` is its answer, and its writes commit);
+    the caller raises ``error``."""
 
     def __init__(self, error: StoredValueError) -> None:
         super().__init__(str(error))
         self.error = error
-
-
-@contextlib.contextmanager
-def _undecodable_raised() -> Iterator[None]:
-    """Raise the :class:`StoredValueError` an operation rolled back for."""
-    try:
-        yield
-    except _Undecodable as failed:
-        raise failed.error from failed.error.__cause__
 
 
 def _newest_pending(db: Db) -> int | None:
