@@ -233,7 +233,7 @@ class SqlStore:
         ):
             return held
         # Decoded before anything changes: a value that cannot be read changes nothing.
-        # (Inline, not through _decode: this runs for every item a drain hands out.)
+        # (Inline, not through a method: this runs for every item a drain hands out.)
         what = "payload"
         try:
             if held is None:
@@ -251,14 +251,6 @@ class SqlStore:
         task.result = value
         task.error = error
         return task
-
-    def _decode(self, text: str, task_id: str, what: str) -> Any:
-        """Decode the stored ``what`` (payload or result) of ``task_id``, raising
-        :class:`StoredValueError` naming the task if the codec cannot."""
-        try:
-            return self._codec.loads(text)
-        except Exception as exc:
-            raise _undecodable(task_id, what, exc) from exc
 
     def _encode(self, value: Any, what: str) -> str:
         return encode_value(
@@ -310,12 +302,13 @@ class SqlStore:
         return finish_and_decode
 
     def _decoded_in_transaction(self, text: str, task_id: str, what: str) -> Any:
-        """:meth:`_decode` inside an operation: a value that cannot be decoded rolls the
-        operation's transaction back (see :class:`_Undecodable`)."""
+        """Decode the stored ``what`` (payload or result) of ``task_id`` inside an
+        operation: a value that cannot be decoded rolls the operation's transaction back,
+        and its caller raises a :class:`StoredValueError` (see :class:`_Undecodable`)."""
         try:
-            return self._decode(text, task_id, what)
-        except StoredValueError as exc:
-            raise _Undecodable(exc) from exc
+            return self._codec.loads(text)
+        except Exception as exc:
+            raise _Undecodable(_undecodable(task_id, what, exc)) from exc
 
     def _finished(
         self, task_id: str, held: BackgroundTask | None, row: TaskRow | None
@@ -815,10 +808,14 @@ class _Drain:
 
 
 def _undecodable(task_id: str, what: str, exc: Exception) -> StoredValueError:
-    return StoredValueError(
+    """The error for a stored value of ``task_id`` that the codec refused with ``exc``
+    (its cause)."""
+    error = StoredValueError(
         f"cannot decode the stored {what} of task {task_id!r} ({exc}); it was written by "
         "another codec or edited by hand"
     )
+    error.__cause__ = exc
+    return error
 
 
 class _Undecodable(Exception):
