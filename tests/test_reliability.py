@@ -71,10 +71,12 @@ async def test_a_resubmit_that_cannot_be_called_is_refused_before_any_orphan_is_
 ) -> None:
     kill_after_submits(db_path, 2)
     async with BackgroundTaskHandler(database=db_path) as handler:
+        running = handler.list_tasks(status=RunNodeStatus.RUNNING)
+        assert len(running) >= 2  # (the child may have submitted more than two)
         with pytest.raises(BackgroundTaskError, match="resubmit must be a callable"):
             await handler.recover_orphans("resubmit", resubmit=5)  # type: ignore[arg-type]
-        assert len(handler.list_tasks(status=RunNodeStatus.RUNNING)) == 2
-        assert len(await handler.recover_orphans()) == 2  # still there to settle
+        assert handler.list_tasks(status=RunNodeStatus.RUNNING) == running
+        assert len(await handler.recover_orphans()) == len(running)  # still there to settle
 
 
 async def test_an_orphan_whose_payload_cannot_be_read_settles_nothing(db_path: Path) -> None:
@@ -87,10 +89,12 @@ async def test_an_orphan_whose_payload_cannot_be_read_settles_nothing(db_path: P
             await handler.recover_orphans("resubmit", resubmit=_never_called)
         with sqlite3.connect(db_path) as db:
             statuses = db.execute("SELECT DISTINCT status FROM background_tasks").fetchall()
+            (orphans,) = db.execute("SELECT count(*) FROM background_tasks").fetchone()
             db.execute("UPDATE background_tasks SET payload = '{}' WHERE task_id = 't0'")
         db.close()
-        assert statuses == [("running",)]
-        assert {task.task_id for task in await handler.recover_orphans()} == {"t0", "t1"}
+        assert statuses == [("running",)]  # (the child may have submitted more than two)
+        settled = {task.task_id for task in await handler.recover_orphans()}
+        assert len(settled) == orphans and settled >= {"t0", "t1"}
 
 
 async def _never_called(task: BackgroundTask) -> None:
