@@ -738,6 +738,14 @@ def test_purge_everything_finished(db: Path) -> None:
     assert left["total"] == 2 and left["by_status"]["running"] == 2
 
 
+@pytest.mark.parametrize("batch", ["1", "3", "1000"])
+def test_purge_lists_what_it_deleted_oldest_first_as_a_dry_run_does(db: Path, batch: str) -> None:
+    ok("drain", "--db", db)
+    planned = ok_json("purge", "--older-than", "0s", "--dry-run", "--db", db)["task_ids"]
+    done = ok_json("purge", "--older-than", "0s", "--batch-size", batch, "--db", db)
+    assert len(planned) == 8 and done["task_ids"] == planned
+
+
 def test_purge_needs_an_age(db: Path) -> None:
     assert "--older-than" in fails("purge", "--db", db, code=2)
     assert "invalid age" in fails("purge", "--older-than", "soon", "--db", db, code=2)

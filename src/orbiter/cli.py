@@ -614,10 +614,12 @@ def _purge(target: DatabaseTarget, cutoff: str, batch: int, *, quiet: bool) -> l
             while True:
                 with connection.begin():
                     params = {"cutoff": cutoff, "batch": batch}
-                    ids = connection.execute(q.delete_purgeable_batch(), params).scalars().all()
-                deleted.extend(str(task_id) for task_id in ids)
+                    rows = connection.execute(q.delete_purgeable_batch(), params).all()
+                # Oldest first, as a dry run lists them (each batch is older than the next).
+                rows = sorted(rows, key=lambda row: (row.updated_at, row.task_id))
+                deleted.extend(str(row.task_id) for row in rows)
                 progress.update(bar, completed=len(deleted), total=max(total, len(deleted)))
-                if len(ids) < batch:
+                if len(rows) < batch:
                     return deleted
 
 

@@ -206,15 +206,20 @@ def count_purgeable() -> AnySelect:
 
 
 @cache
-def delete_purgeable_batch() -> ReturningDelete[str]:
-    """Delete up to ``:batch`` purgeable tasks (conditions re-checked); returns their ids."""
+def delete_purgeable_batch() -> ReturningDelete[Any]:
+    """Delete the oldest ``:batch`` purgeable tasks (conditions re-checked); returns their
+    ``(task_id, updated_at)``, in no particular order (RETURNING has none)."""
     batch = (
         select(tasks.c.task_id)
         .where(*_purgeable())
         .order_by(tasks.c.updated_at, tasks.c.task_id)
         .limit(bindparam("batch"))
     )
-    return delete(tasks).where(tasks.c.task_id.in_(batch)).returning(tasks.c.task_id)
+    return (
+        delete(tasks)
+        .where(tasks.c.task_id.in_(batch))
+        .returning(tasks.c.task_id, tasks.c.updated_at)
+    )
 
 
 @cache
