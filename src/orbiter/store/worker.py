@@ -18,6 +18,10 @@ one transaction, commits once, and only then answers each caller. So:
   commit, not for a batch of thousands, while async writes keep a share of every commit;
   a blocked read runs on a second connection, which in WAL mode does not wait for the
   writer at all.
+* only the commit thread waits for another connection's lock (up to ``busy_timeout``):
+  a transaction run on the calling thread waits for nothing, and an operation that finds
+  the file locked there goes to the worker instead, unstarted, so an event loop never
+  stops for that wait and a cancellation can still withdraw the operation.
 
 Operations must not write before raising a :class:`BackgroundTaskError` (they check with
 guarded statements first); such an error is the caller's answer and the batch goes on. Any
@@ -48,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
 import queue
@@ -178,6 +183,18 @@ os.register_at_fork(after_in_parent=_after_fork_in_parent)  # see there
 #: has let go: a signal handler that runs there (``asyncio.run`` cancels the main task on
 #: Ctrl-C) and cancels a waiter must not wait for a lock its own thread holds.
 _here = threading.local()
+
+
+class _Inline(enum.Enum):
+    """What came of trying to run an operation on the calling thread."""
+
+    RAN = "ran"  #: it ran (its ``outcome`` is set)
+    BUSY = "busy"  #: the connection is in use in this process: nothing ran
+    LOCKED = "locked"  #: another connection holds a lock it needs: nothing ran
+
+
+class _LockedElsewhere(Exception):
+    """An inline transaction met another connection's lock before doing anything."""
 
 
 class _Waiter(asyncio.Future[Any]):
@@ -317,6 +334,9 @@ class CommitWorker:
         #: The connection's ``PRAGMA synchronous`` right now (None: not known).
         self._level: str | None = synchronous
         self._translate = translate
+        #: Whether the connection waits for other connections' locks right now (None:
+        #: not known). Only the commit thread waits: see :meth:`_run_inline`.
+        self._waits: bool | None = True
         # The queues and ``_closed`` are guarded by ``_lock``, taken only by ``with`` on a
         # bare lock, and the worker sleeps on ``_signals``: both are C code, which a
         # KeyboardInterrupt cannot leave half done (a ``threading.Condition``'s methods
@@ -345,6 +365,9 @@ class CommitWorker:
             engine.dispose()
             raise translate(exc) from exc
         self._db = Db(self._pooled.driver_connection)  # type: ignore[arg-type]
+        #: How long (ms) the commit thread waits for another connection's lock: the
+        #: connection's ``busy_timeout`` as the engine set it up.
+        self._patience: int = self._db.raw.execute("PRAGMA busy_timeout").fetchone()[0]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         _OPEN_WORKERS.add(self)
@@ -434,21 +457,29 @@ class CommitWorker:
         self._enqueue(_Queued(run, writes, relaxed, future=future), first=urgent)
         return future
 
-    def _run_inline(self, item: _Queued[T]) -> bool:
+    def _run_inline(self, item: _Queued[T]) -> _Inline:
         """Run ``item`` on the calling thread when the connection is idle (no hand-off).
 
-        Returns False when the worker is busy or has work queued; the caller then queues.
+        Returns ``BUSY`` when the worker is busy or has work queued, and ``LOCKED`` when
+        another connection (another process) holds a lock the transaction needs: an
+        inline transaction does not wait for it (an async caller's event loop would stop,
+        and its cancellation could not withdraw the write); the caller queues the item
+        for the commit thread, which waits up to ``busy_timeout``. Nothing ran then.
+
         The lock is taken by a ``with``, which a KeyboardInterrupt cannot split from its
         release (an ``acquire`` followed by ``try`` can be, leaving it held for good); in
         the rare case another thread takes it between the look and the ``with``, this
         call waits for that transaction and then runs.
         """
         if self._urgent or self._queue or self._connection_lock.locked():
-            return False
+            return _Inline.BUSY
         with self._connection_lock:
             self.refuse_if_closed()
-            self._execute([item])
-            return True
+            try:
+                self._execute([item], inline=True)
+            except _LockedElsewhere:
+                return _Inline.LOCKED
+            return _Inline.RAN
 
     def _read_aside(self, run: Operation[T]) -> _Queued[T] | None:
         """Run the read ``run`` on a second connection while the main one is busy.
@@ -493,9 +524,12 @@ class CommitWorker:
         """Run ``run`` without queueing if possible: inline when the connection is idle,
         or, for a read, on the second connection. None when it has to be queued."""
         item: _Queued[T] = _Queued(run, writes, relaxed)
-        if self._run_inline(item):
+        ran = self._run_inline(item)
+        if ran is _Inline.RAN:
             return item
-        return None if writes else self._read_aside(run)
+        if ran is _Inline.BUSY and not writes:
+            return self._read_aside(run)
+        return None
 
     def call(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
         """Run ``run`` and block until it has committed; return its result.
@@ -532,7 +566,9 @@ class CommitWorker:
         made when no other callback is ready to run in the turn (a lone caller, as in a
         sequential loop of calls) cannot have company, so it commits at once and then
         yields to the loop for one turn, where a hand-on at the end of the turn would
-        cost two turns and a future.
+        cost two turns and a future. Nothing inline waits for another process's lock:
+        an operation that finds the file locked goes to the worker thread (see
+        :meth:`_run_inline`).
 
         If the caller is cancelled before the operation starts, it never runs; once
         started, the cancellation is raised once the operation has finished, as a
@@ -582,7 +618,7 @@ class CommitWorker:
             # Inline only if no earlier async write is still on its way: a later call
             # must not commit (and queue its result) before an earlier one.
             lone = len(staged) == 1 and self._async_writes == 1
-            if lone and self._run_inline(staged[0]):
+            if lone and self._run_inline(staged[0]) is _Inline.RAN:
                 _settle(staged)
                 return
             self._enqueue_all(staged)
@@ -711,30 +747,38 @@ class CommitWorker:
             items.extend(item for item in joining if item.wanted())
             return True
 
-    def _execute(self, batch: list[_Queued[Any]]) -> list[_Queued[Any]]:
+    def _execute(self, batch: list[_Queued[Any]], *, inline: bool = False) -> list[_Queued[Any]]:
         """Run ``batch`` in one transaction, setting each item's ``outcome``.
 
         Returns the operations that ran (and so must be answered): callers who gave up
         are left out, and blocked threads may have taken the place of some async
-        operations, which went back to the queue (see :meth:`_make_way`).
+        operations, which went back to the queue (see :meth:`_make_way`). An ``inline``
+        run raises :class:`_LockedElsewhere` instead of waiting for another connection's
+        lock.
         """
         items = [item for item in batch if item.wanted()]
         if items:
-            self._run_batch(items)
+            self._run_batch(items, inline=inline)
         return items
 
-    def _run_batch(self, items: list[_Queued[Any]]) -> None:
+    def _run_batch(self, items: list[_Queued[Any]], *, inline: bool = False) -> None:
         relax = self._synchronous == "FULL" and all(item.relaxed for item in items)
         raw = self._db.raw
         _end_transaction(raw)  # one a KeyboardInterrupt kept the last run from ending
         try:
-            # Switch the level only when it changes (a drain's acknowledgements come in
-            # runs): a durable batch always commits at the handler's level.
+            # Switch the level and the lock wait only when they change (a drain's
+            # acknowledgements come in runs, inline calls too): a durable batch always
+            # commits at the handler's level.
             level = "NORMAL" if relax else self._synchronous
             if level != self._level:
                 self._level = None  # unknown until the switch has run
                 raw.execute(f"PRAGMA synchronous={level}")
                 self._level = level
+            waits = not inline
+            if waits is not self._waits:
+                self._waits = None
+                raw.execute(f"PRAGMA busy_timeout={self._patience if waits else 0}")
+                self._waits = waits
             self._transaction(items, may_make_way=not relax)
         except BaseException as exc:
             # Also a KeyboardInterrupt landing here on the main thread (an inline run):
@@ -742,6 +786,11 @@ class CommitWorker:
             _end_transaction(raw)
             if not isinstance(exc, Exception):
                 raise
+            if inline and _met_lock(exc):
+                # SQLite reports a lock at the first statement that needs it (the BEGIN
+                # of a write, the first read of a read), before the operation has done
+                # anything: the commit thread can run it from the start.
+                raise _LockedElsewhere from exc
             if len(items) == 1 or isinstance(exc, sqlite3.OperationalError):
                 # One operation failed alone, or the database itself did (locked, full,
                 # I/O, read-only): retrying one by one would only repeat the wait.
@@ -920,6 +969,14 @@ def _in_transaction(db: Db | None) -> bool:
         return db is not None and db.raw.in_transaction
     except sqlite3.Error:  # closed
         return False
+
+
+def _met_lock(error: Exception) -> bool:
+    """Whether ``error`` is SQLite's "database is locked" (another connection's lock)."""
+    return (
+        isinstance(error, sqlite3.OperationalError)
+        and error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+    )
 
 
 def _end_transaction(raw: sqlite3.Connection) -> None:

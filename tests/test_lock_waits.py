@@ -1,0 +1,205 @@
+"""Waiting for another process's write lock happens on the commit thread, never on the
+event loop's thread.
+
+A lone async write commits on the loop's thread when nothing else is running (no
+thread hand-off). While another process holds SQLite's write lock, that write must not
+wait there: the loop would stop for up to ``busy_timeout``, and a cancellation could
+reach the call only after it had committed. It goes to the commit thread instead, where
+it waits unstarted, so a timeout withdraws it and nothing is stored.
+
+The lock is held by a real second process, as another program using the file would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import pytest
+
+from orbiter._internal.background import BackgroundTaskHandler
+from orbiter.errors import DatabaseLockedError
+
+#: Long enough that a call waiting for it on the loop would stall the test visibly.
+BUSY_TIMEOUT = 5.0
+
+#: The longest the loop may go without running the ticker while a write waits for the
+#: lock (it would be BUSY_TIMEOUT if the write waited on the loop's thread).
+MAX_STALL = 1.0
+
+_HOLD_LOCK = """
+import sqlite3, sys
+connection = sqlite3.connect(sys.argv[1], isolation_level=None)
+connection.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+sys.stdin.read()  # until the test closes the pipe
+connection.execute("ROLLBACK")
+"""
+
+
+class WriteLock:
+    """Another process holding the file's write lock until :meth:`release`."""
+
+    def __init__(self, path: Path) -> None:
+        self._process = subprocess.Popen(
+            [sys.executable, "-c", _HOLD_LOCK, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._process.stdout is not None
+        assert self._process.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        """Let the lock go and wait for the process to end (idempotent)."""
+        self._process.communicate(timeout=10)
+        assert self._process.returncode == 0
+
+
+@contextmanager
+def write_lock_held(path: Path) -> Iterator[WriteLock]:
+    lock = WriteLock(path)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@asynccontextmanager
+async def longest_stall() -> AsyncIterator[list[float]]:
+    """Measure the longest time the loop did not get to a ticking task (in ``[0]``)."""
+    stalls = [0.0]
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            stalls[0] = max(stalls[0], now - last)
+            last = now
+
+    ticker = asyncio.ensure_future(tick())
+    await asyncio.sleep(0.02)  # let it start ticking
+    try:
+        yield stalls
+    finally:
+        ticker.cancel()
+        now = time.monotonic()
+        await asyncio.gather(ticker, return_exceptions=True)
+        stalls[0] = max(stalls[0], time.monotonic() - now)
+
+
+def stored(path: Path) -> tuple[dict[str, str], list[str]]:
+    """Every task's status and the pending queue's ids, as another connection reads them."""
+    with sqlite3.connect(path) as connection:
+        statuses = dict(connection.execute("SELECT task_id, status FROM background_tasks"))
+        pending = [row[0] for row in connection.execute("SELECT task_id FROM pending_queue")]
+    return statuses, pending
+
+
+def with_company() -> None:
+    """Make the current loop turn have another ready callback, so a write made now is
+    staged for the end of the turn instead of committing at once."""
+    asyncio.get_running_loop().call_soon(lambda: None)
+
+
+@pytest.mark.parametrize("company", [False, True], ids=["alone-in-turn", "end-of-turn"])
+@pytest.mark.parametrize("hot", [False, True], ids=["wakeup", "hot"])
+async def test_a_lone_write_waiting_for_the_lock_does_not_block_the_loop(
+    db_path: Path, company: bool, hot: bool
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    handler.submit("t", "run")
+    with write_lock_held(db_path):
+        async with longest_stall() as stall:
+            started = time.monotonic()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    if company:
+                        with_company()
+                    await handler.handle_result("t", {"n": 1}, is_main_running=hot)
+            waited = time.monotonic() - started
+        # The timeout withdrew the write while it waited, unstarted, on the commit thread.
+        assert waited < MAX_STALL
+        assert stall[0] < MAX_STALL
+        assert stored(db_path) == ({"t": "running"}, [])
+    # Nothing was stored, so the result can be delivered again.
+    await handler.handle_result("t", {"n": 2}, is_main_running=hot)
+    assert stored(db_path) == ({"t": "success"}, [] if hot else ["t"])
+    await handler.aclose()
+
+
+async def test_a_lone_write_goes_on_once_the_lock_is_let_go(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    handler.submit("t", "run")
+    with write_lock_held(db_path) as lock:
+        async with longest_stall() as stall:
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.3, lock.release)  # on the loop: only runs if it is not blocked
+            await handler.handle_result("t", {"n": 1}, is_main_running=False)
+        assert stall[0] < MAX_STALL
+    assert stored(db_path) == ({"t": "success"}, ["t"])
+    # Back to committing on the loop's thread: the next lone write works as before.
+    handler.submit("u", "run")
+    await handler.handle_result("u", 2, is_main_running=False)
+    assert stored(db_path) == ({"t": "success", "u": "success"}, ["t", "u"])
+    await handler.aclose()
+
+
+async def test_a_drain_waiting_for_the_lock_does_not_block_the_loop(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    for index in range(3):
+        handler.submit(f"w{index}", "run")
+        await handler.handle_result(f"w{index}", index, is_main_running=False)
+    with write_lock_held(db_path):
+        async with longest_stall() as stall:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    async for _ in handler.drain_pending():
+                        pytest.fail("the drain's claim cannot commit while the file is locked")
+        assert stall[0] < MAX_STALL
+    assert [task.task_id async for task in handler.drain_pending()] == ["w0", "w1", "w2"]
+    await handler.aclose()
+
+
+def test_a_sync_write_waits_for_the_lock_and_then_commits(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT) as handler:
+        handler.submit("first", "run")
+        with write_lock_held(db_path) as lock:
+            threading.Timer(0.3, lock.release).start()
+            started = time.monotonic()
+            handler.submit("second", "run")
+            assert time.monotonic() - started >= 0.25  # it waited for the lock
+        assert handler.get_task("second") is not None
+    assert stored(db_path)[0] == {"first": "running", "second": "running"}
+
+
+def test_a_sync_write_past_busy_timeout_is_refused_and_stores_nothing(db_path: Path) -> None:
+    with BackgroundTaskHandler(database=db_path, busy_timeout=0.3) as handler:
+        handler.submit("first", "run")
+        with write_lock_held(db_path), pytest.raises(DatabaseLockedError, match="locked"):
+            handler.submit("second", "run")
+        assert handler.get_task("second") is None
+        handler.submit("second", "run")  # works once the lock is gone
+    assert stored(db_path)[0] == {"first": "running", "second": "running"}
+
+
+async def test_reads_do_not_wait_for_another_processs_write_lock(db_path: Path) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    handler.submit("t", "run")
+    await handler.handle_result("t", 1, is_main_running=False)
+    with write_lock_held(db_path):
+        started = time.monotonic()
+        task = handler.get_task("t")
+        assert task is not None and task.result == 1
+        assert [task.task_id for task in handler.list_tasks()] == ["t"]
+        assert handler.pending_queue.size == 1
+        assert time.monotonic() - started < MAX_STALL
+    await handler.aclose()
