@@ -148,7 +148,8 @@ class BackgroundTaskHandler:
         auto_migrate: Upgrade an older schema at open (default); False refuses instead,
             naming the command to run. A newer schema is always refused.
         busy_timeout: Seconds to wait for another process holding the write lock (0 to
-            about 24.8 days, what SQLite can hold).
+            about 24.8 days, what SQLite can hold). The handler's commit thread waits;
+            an async call's event loop does not.
         codec: Encodes payloads and results as JSON text (default: strict JSON).
         max_value_bytes: Largest encoded payload or result accepted (a longer
             ``handle_error`` text is stored truncated to about this size).
