@@ -9,8 +9,6 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.conftest import run_helper
 
 
@@ -79,17 +77,32 @@ def test_an_interrupt_as_the_fork_ends_leaves_the_handler_working(db_path: Path)
     assert report == {"submit": True, "open": True}
 
 
-@pytest.mark.parametrize("mode", ["blocked", "blocked-open"])
-def test_a_child_forked_mid_transaction_is_refused_the_file(db_path: Path, mode: str) -> None:
-    # The parent's submit (or a new handler's open) waits for another process's lock
+def test_a_child_forked_mid_transaction_is_refused_the_file(db_path: Path) -> None:
+    # A new handler's open waits for another process's lock (in its schema upgrade)
     # longer than a fork waits: the child inherits SQLite's record of a transaction under
     # way, so it may not open the file.
-    report = json.loads(run_helper("forker.py", mode, str(db_path), timeout=120))
+    report = json.loads(run_helper("forker.py", "blocked-open", str(db_path), timeout=120))
     assert report["fork_seconds"] < 5  # the fork waited about 0.2 s, then went ahead
     assert "forked while a handler of its parent was in the middle" in report["child_said"]
+    assert report["blocked_stored"] is True  # the parent's open went on after the lock
+    with sqlite3.connect(db_path) as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_a_child_forked_while_a_write_waits_for_the_lock_opens_the_file(db_path: Path) -> None:
+    # The commit thread waits for another process's lock between tries, with no
+    # transaction open and the connection free: a fork does not wait for it, and the child
+    # may open the file (its own writes wait for the lock like any process's).
+    report = json.loads(run_helper("forker.py", "blocked", str(db_path), timeout=120))
+    assert report["fork_seconds"] < 0.2  # it did not wait FORK_WAIT for a transaction
+    assert report["child_said"] == "opened"
     assert report["blocked_stored"] is True  # the parent's submit went on after the lock
     with sqlite3.connect(db_path) as connection:
         assert connection.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert dict(connection.execute("SELECT task_id, status FROM background_tasks")) == {
+            "blocked": "running",
+            "child-task": "running",
+        }
 
 
 def test_threads_forking_at_once_each_let_go_of_what_they_took(db_path: Path) -> None:

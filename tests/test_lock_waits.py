@@ -153,19 +153,107 @@ async def test_a_lone_write_goes_on_once_the_lock_is_let_go(db_path: Path) -> No
     await handler.aclose()
 
 
-async def test_a_drain_waiting_for_the_lock_does_not_block_the_loop(db_path: Path) -> None:
-    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+async def queue_three(handler: BackgroundTaskHandler) -> None:
     for index in range(3):
         handler.submit(f"w{index}", "run")
         await handler.handle_result(f"w{index}", index, is_main_running=False)
+
+
+async def test_a_drain_waiting_for_the_lock_does_not_block_the_loop(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    await queue_three(handler)
     with write_lock_held(db_path):
         async with longest_stall() as stall:
+            started = time.monotonic()
             with pytest.raises(TimeoutError):
                 async with asyncio.timeout(0.3):
                     async for _ in handler.drain_pending():
                         pytest.fail("the drain's claim cannot commit while the file is locked")
+            waited = time.monotonic() - started
         assert stall[0] < MAX_STALL
+        # The claim never started, so the drain holds nothing and ends without waiting for
+        # the lock to free it.
+        assert waited < MAX_STALL
+    assert "could not free" not in caplog.text
     assert [task.task_id async for task in handler.drain_pending()] == ["w0", "w1", "w2"]
+    await handler.aclose()
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel"])
+async def test_a_restore_waiting_for_the_lock_is_cancelled_at_once(
+    db_path: Path, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    await queue_three(handler)
+    entered: list[int] = []
+
+    async def restore() -> None:
+        async with handler.restore_pending() as results:
+            entered.append(len(results))
+
+    with write_lock_held(db_path):
+        started = time.monotonic()
+        if how == "timeout":
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    await restore()
+        else:
+            restoring = asyncio.ensure_future(restore())
+            asyncio.get_running_loop().call_later(0.3, restoring.cancel)
+            with pytest.raises(asyncio.CancelledError):
+                await restoring
+        waited = time.monotonic() - started
+        assert waited < MAX_STALL
+        assert entered == []
+    assert "could not free" not in caplog.text
+    async with handler.restore_pending() as results:
+        assert [task.task_id for task in results] == ["w0", "w1", "w2"]
+    assert stored(db_path)[1] == []
+    await handler.aclose()
+
+
+async def test_reads_from_threads_do_not_fail_while_a_write_waits_for_the_lock(
+    db_path: Path,
+) -> None:
+    # The loop's write waits on the commit thread; reads made meanwhile by threads (more
+    # than the second connection serves at once) must neither wait for that lock nor fail
+    # with the write when it is not let go in time.
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=1.0)
+    handler.submit("t", "run")
+    handler.submit("u", "run")
+    failures: list[BaseException] = []
+    slowest = [0.0]
+    reads = [0]
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                task = handler.get_task("u")
+                assert task is not None and task.task_id == "u"
+                reads[0] += 1
+            except BaseException as exc:  # reported below
+                failures.append(exc)
+            slowest[0] = max(slowest[0], time.monotonic() - started)
+
+    with write_lock_held(db_path):
+        readers = [threading.Thread(target=read) for _ in range(3)]
+        for reader in readers:
+            reader.start()
+        try:
+            with pytest.raises(DatabaseLockedError):  # the lock outlasts busy_timeout
+                await handler.handle_result("t", 1, is_main_running=False)
+        finally:
+            stop.set()
+            for reader in readers:
+                await asyncio.to_thread(reader.join)
+    assert failures == []
+    assert reads[0] > 0
+    assert slowest[0] < 0.5  # never the write's wait for the lock (1 s)
+    assert stored(db_path)[0] == {"t": "running", "u": "running"}
     await handler.aclose()
 
 

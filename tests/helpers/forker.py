@@ -12,10 +12,12 @@ Prints one JSON document.
   handler (the last one open as far as SQLite's locks in the parent show), and the child
   goes on writing, past an automatic checkpoint, and reports what it wrote.
 * ``blocked``: another process holds the write lock while a thread's ``submit`` waits
-  for it; the main thread forks (the fork's wait cut to 0.2 s). The child, which
-  inherited a connection in the middle of a transaction, must be refused the file.
-  ``blocked-open``: the same with a new handler's open waiting for the lock (to upgrade
-  an older schema).
+  for it; the main thread forks (the fork's wait cut to 0.2 s), then the lock is let go.
+  The commit thread waits between tries with no transaction open, so the fork need not
+  wait, and the child opens a handler of its own and writes. ``blocked-open``: the same
+  with a new handler's open waiting for the lock (to upgrade an older schema), which
+  waits inside a transaction: the child, which inherited a connection in the middle of
+  it, must be refused the file.
 * ``threads``: 4 threads fork 100 times each at once, switching threads as often as
   Python can; then the handler must still write (no lock left held by a fork).
 * ``busy``: a thread keeps the parent's handler writing while the parent forks FORKS
@@ -161,19 +163,24 @@ def fork_while_blocked(database: str, waiting: str) -> None:
     started = time.monotonic()
     pid = os.fork()
     if pid == 0:
+        locker.stdin.close()  # the child's copy, or the locker would never see the end
         try:
-            BackgroundTaskHandler(database=database)
+            with BackgroundTaskHandler(database=database) as own:
+                own.submit("child-task", "run")
             said = "opened"
         except BackgroundTaskError as exc:
             said = str(exc)
         os.write(write_end, said.encode())
         os._exit(0)
     fork_seconds = time.monotonic() - started
+    if waiting == "submit":
+        locker.stdin.close()  # the child's own writes wait for it, as any process's do
     os.close(write_end)
     with os.fdopen(read_end) as pipe:
         child_said = pipe.read()
     os.waitpid(pid, 0)
-    locker.stdin.close()
+    if not locker.stdin.closed:
+        locker.stdin.close()
     locker.wait()
     blocked.join()
     report = {

@@ -523,11 +523,33 @@ class SqlStore:
             rows = await self._worker.acall(
                 self._claim(claimer, parent_task_id, after=0, upto=None, limit=-1),
                 relaxed=CLAIMS_ARE_RELAXED,
+                report_committed=True,
             )
-            return claimer, [self._task_from_row(row[1:], finished) for row in rows]
-        except BaseException:  # cancelled, perhaps once the claim committed: end it
-            await self._free_claims(claimer)
+        except CommittedThenCancelled as committed:  # cancelled as the claim committed
+            await self._free_claims_after_error(claimer)
+            raise asyncio.CancelledError(*committed.args) from None
+        except BaseException:
+            # The claim did not commit (withdrawn before it started, or failed and rolled
+            # back): nothing to free, so nothing to wait for (say, a lock).
+            self.forget_claims(claimer)
             raise
+        try:
+            return claimer, [self._task_from_row(row[1:], finished) for row in rows]
+        except BaseException:  # a value that cannot be decoded: the items stay pending
+            await self._free_claims_after_error(claimer)
+            raise
+
+    async def _free_claims_after_error(self, claimer: str, merged_upto: int = 0) -> None:
+        """:meth:`_free_claims` on the way out of a failed or cancelled call: a failure
+        here is logged (the next claim frees the items), and the call's own error raised."""
+        try:
+            await self._free_claims(claimer, merged_upto)
+        except Exception:
+            logger.warning(
+                "could not free the items of a drain stopped by an error (the next "
+                "claim frees them)",
+                exc_info=True,
+            )
 
     async def settle_batch(self, claimer: str, *, merged: bool) -> None:
         """Acknowledge (``merged``) or release every item of a claimed batch."""
@@ -689,6 +711,7 @@ class _Drain:
         self._turn = 0  # which of the slot's two records it writes next
         self._use_acks = store._acks is not None  # False once the ack file failed
         self._started = False
+        self._claimed = False  # a claim of this drain committed: it may hold items
         self._ended = False
         self._running = False  # in __anext__ (which one caller at a time may be)
 
@@ -723,7 +746,14 @@ class _Drain:
                         partial(acknowledge, self._claimer, self._after), relaxed=True
                     )
             if not self._batch:
-                rows, slot = await store._worker.acall(self._claim(), relaxed=CLAIMS_ARE_RELAXED)
+                try:
+                    rows, slot = await store._worker.acall(
+                        self._claim(), relaxed=CLAIMS_ARE_RELAXED, report_committed=True
+                    )
+                except CommittedThenCancelled:
+                    self._claimed = True  # what it claimed is freed below
+                    raise
+                self._claimed = True
                 self._batch.extend(rows)
                 self._slot = slot
                 if slot is None:
@@ -740,16 +770,11 @@ class _Drain:
             return task
         except StopAsyncIteration:
             raise
-        except BaseException:
+        except BaseException as error:
             # Failed, or cancelled (perhaps while a claim committed): free what we hold.
-            try:
-                await self._end()
-            except Exception:  # the error above is the one to raise
-                logger.warning(
-                    "could not free the items of a drain stopped by an error (the next "
-                    "claim frees them)",
-                    exc_info=True,
-                )
+            await self._end(after_error=True)
+            if isinstance(error, CommittedThenCancelled):
+                raise asyncio.CancelledError(*error.args) from None
             raise
         finally:
             self._running = False
@@ -800,11 +825,18 @@ class _Drain:
             raise RuntimeError("aclose(): this drain is already running")
         await self._end()
 
-    async def _end(self) -> None:
+    async def _end(self, *, after_error: bool = False) -> None:
+        """Free what this drain holds, once (``after_error``: a failure to is logged)."""
         if self._ended:
             return
         self._ended = True
-        await self._store._free_claims(self._claimer, self._after)
+        store = self._store
+        if not self._claimed:  # no claim of its committed: it holds nothing to free
+            store.forget_claims(self._claimer)
+        elif after_error:
+            await store._free_claims_after_error(self._claimer, self._after)
+        else:
+            await store._free_claims(self._claimer, self._after)
 
 
 def _undecodable(task_id: str, what: str, exc: Exception) -> StoredValueError:

@@ -102,8 +102,9 @@ _START_LOCK = threading.Lock()
 #: Workers not yet collected, for the fork hooks below.
 _OPEN_WORKERS: weakref.WeakSet[CommitWorker] = weakref.WeakSet()
 
-#: Seconds a fork waits, for all workers together, for transactions under way (a commit,
-#: or a wait for another process's lock) before it goes ahead anyway.
+#: Seconds a fork waits, for all workers together, for transactions under way (a long
+#: commit; the commit thread waits for another process's lock between transactions, see
+#: ``CommitWorker._begin``) before it goes ahead anyway.
 FORK_WAIT = 5.0
 
 
@@ -156,9 +157,10 @@ def _after_fork_in_child() -> None:
 
 def refuse_if_unsafe_after_fork(path: str) -> None:
     """Refuse to open ``path`` in a forked child that inherited a connection to it in the
-    middle of a transaction (the parent's handler waited longer than ``FORK_WAIT`` for
-    another process's lock): SQLite's copied record of the file, which a new connection
-    would share, shows that transaction's locks, so no connection here can be made safe.
+    middle of a transaction (one that ran longer than ``FORK_WAIT``, such as a handler's
+    open waiting for another process's lock): SQLite's copied record of the file, which a
+    new connection would share, shows that transaction's locks, so no connection here can
+    be made safe.
 
     Raises:
         DatabaseError: naming the file and what to do instead.
@@ -167,8 +169,8 @@ def refuse_if_unsafe_after_fork(path: str) -> None:
         raise DatabaseError(
             f"{path}: this process was forked while a handler of its parent was in the "
             "middle of a transaction on this file, so SQLite cannot safely open it here; "
-            "start the process with the 'spawn' method (or fork when no write is waiting "
-            "for another process's lock)"
+            "start the process with the 'spawn' method (or fork when no handler is being "
+            "opened while another process holds the file's lock)"
         )
 
 
@@ -334,9 +336,6 @@ class CommitWorker:
         #: The connection's ``PRAGMA synchronous`` right now (None: not known).
         self._level: str | None = synchronous
         self._translate = translate
-        #: Whether the connection waits for other connections' locks right now (None:
-        #: not known). Only the commit thread waits: see :meth:`_run_inline`.
-        self._waits: bool | None = True
         # The queues and ``_closed`` are guarded by ``_lock``, taken only by ``with`` on a
         # bare lock, and the worker sleeps on ``_signals``: both are C code, which a
         # KeyboardInterrupt cannot leave half done (a ``threading.Condition``'s methods
@@ -365,9 +364,11 @@ class CommitWorker:
             engine.dispose()
             raise translate(exc) from exc
         self._db = Db(self._pooled.driver_connection)  # type: ignore[arg-type]
-        #: How long (ms) the commit thread waits for another connection's lock: the
-        #: connection's ``busy_timeout`` as the engine set it up.
-        self._patience: int = self._db.raw.execute("PRAGMA busy_timeout").fetchone()[0]
+        #: How long (seconds) the commit thread waits for another connection's lock: the
+        #: connection's ``busy_timeout`` as the engine set it up. The connection itself
+        #: waits for nothing (see :meth:`_begin`).
+        self._patience: float = self._db.raw.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
+        self._db.raw.execute("PRAGMA busy_timeout=0")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         _OPEN_WORKERS.add(self)
@@ -481,16 +482,18 @@ class CommitWorker:
                 return _Inline.LOCKED
             return _Inline.RAN
 
-    def _read_aside(self, run: Operation[T]) -> _Queued[T] | None:
+    def _read_aside(self, run: Operation[T], *, wait: bool = False) -> _Queued[T] | None:
         """Run the read ``run`` on a second connection while the main one is busy.
 
         In WAL mode a reader does not wait for the writer: a ``get_task`` made while a
         batch of writes is committing answers at once, from the last committed state
         (which holds every call that has returned). Returns None when the second
-        connection is itself busy; the caller then queues. (The lock is taken by a
+        connection is itself busy, unless ``wait`` (a blocked thread's read, which then
+        waits for the read under way there rather than queue behind writes that may wait
+        for another process's lock); the caller then queues. (The lock is taken by a
         ``with``, as in :meth:`_run_inline`.)
         """
-        if self._reader_lock.locked():
+        if not wait and self._reader_lock.locked():
             return None
         with self._reader_lock:
             self.refuse_if_closed()
@@ -520,15 +523,18 @@ class CommitWorker:
                 self._reader_pooled.close()
                 self._reader_pooled = self._reader = None
 
-    def _run_now(self, run: Operation[T], writes: bool, relaxed: bool) -> _Queued[T] | None:
+    def _run_now(
+        self, run: Operation[T], writes: bool, relaxed: bool, *, blocking: bool = False
+    ) -> _Queued[T] | None:
         """Run ``run`` without queueing if possible: inline when the connection is idle,
-        or, for a read, on the second connection. None when it has to be queued."""
+        or, for a read, on the second connection (a ``blocking`` caller's read always
+        runs there then). None when it has to be queued."""
         item: _Queued[T] = _Queued(run, writes, relaxed)
         ran = self._run_inline(item)
         if ran is _Inline.RAN:
             return item
-        if ran is _Inline.BUSY and not writes:
-            return self._read_aside(run)
+        if not writes and (blocking or ran is _Inline.BUSY):
+            return self._read_aside(run, wait=blocking)
         return None
 
     def call(self, run: Operation[T], *, writes: bool = True, relaxed: bool = False) -> T:
@@ -536,11 +542,11 @@ class CommitWorker:
 
         When nothing else is running, the transaction runs right here on the calling
         thread; a read that finds the connection busy runs on a second one (see
-        :meth:`_read_aside`); otherwise it joins the running or next batch.
+        :meth:`_read_aside`); a write otherwise joins the running or next batch.
         """
         if self.on_commit_thread:
             raise RuntimeError("a store operation called itself from the commit worker")
-        done = self._run_now(run, writes, relaxed)
+        done = self._run_now(run, writes, relaxed, blocking=True)
         if done is not None:
             return _result(done)
         answer: _Answer[T] = _Answer()
@@ -753,12 +759,22 @@ class CommitWorker:
         Returns the operations that ran (and so must be answered): callers who gave up
         are left out, and blocked threads may have taken the place of some async
         operations, which went back to the queue (see :meth:`_make_way`). An ``inline``
-        run raises :class:`_LockedElsewhere` instead of waiting for another connection's
-        lock.
+        run raises :class:`_LockedElsewhere` where the commit thread would wait for
+        another connection's lock.
         """
         items = [item for item in batch if item.wanted()]
-        if items:
-            self._run_batch(items, inline=inline)
+        if not items:
+            return items
+        if not inline and not all(item.writes for item in items):
+            reads = [item for item in items if not item.writes]
+            if len(reads) < len(items):
+                # Reads first, in a transaction of their own, answered at once: they
+                # need no write lock, so they neither wait for one that another process
+                # holds nor fail with the writes when it is not let go in time.
+                self._run_batch(reads)
+                _deliver(reads)
+                items = [item for item in items if item.writes]
+        self._run_batch(items, inline=inline)
         return items
 
     def _run_batch(self, items: list[_Queued[Any]], *, inline: bool = False) -> None:
@@ -766,20 +782,14 @@ class CommitWorker:
         raw = self._db.raw
         _end_transaction(raw)  # one a KeyboardInterrupt kept the last run from ending
         try:
-            # Switch the level and the lock wait only when they change (a drain's
-            # acknowledgements come in runs, inline calls too): a durable batch always
-            # commits at the handler's level.
+            # Switch the level only when it changes (a drain's acknowledgements come in
+            # runs): a durable batch always commits at the handler's level.
             level = "NORMAL" if relax else self._synchronous
             if level != self._level:
                 self._level = None  # unknown until the switch has run
                 raw.execute(f"PRAGMA synchronous={level}")
                 self._level = level
-            waits = not inline
-            if waits is not self._waits:
-                self._waits = None
-                raw.execute(f"PRAGMA busy_timeout={self._patience if waits else 0}")
-                self._waits = waits
-            self._transaction(items, may_make_way=not relax)
+            self._transaction(items, may_make_way=not relax, inline=inline)
         except BaseException as exc:
             # Also a KeyboardInterrupt landing here on the main thread (an inline run):
             # a transaction left open would hold SQLite's write lock until the next call.
@@ -787,9 +797,8 @@ class CommitWorker:
             if not isinstance(exc, Exception):
                 raise
             if inline and _met_lock(exc):
-                # SQLite reports a lock at the first statement that needs it (the BEGIN
-                # of a write, the first read of a read), before the operation has done
-                # anything: the commit thread can run it from the start.
+                # Met at the BEGIN (see _begin), before the operation has done anything:
+                # the commit thread can run it from the start.
                 raise _LockedElsewhere from exc
             if len(items) == 1 or isinstance(exc, sqlite3.OperationalError):
                 # One operation failed alone, or the database itself did (locked, full,
@@ -800,11 +809,11 @@ class CommitWorker:
                 return
             logger.debug("batch of %d failed (%s); retrying one by one", len(items), exc)
             for item in items:
-                self._run_batch([item])
+                self._run_batch([item], inline=inline)
             return
         self.commits += 1
 
-    def _transaction(self, items: list[_Queued[Any]], *, may_make_way: bool) -> None:
+    def _transaction(self, items: list[_Queued[Any]], *, may_make_way: bool, inline: bool) -> None:
         """Run ``items`` in one transaction. In a write transaction that is not relaxed,
         blocked threads may join between operations once ``MAKE_WAY_AFTER`` of its async
         operations have run (``items`` is then changed in place to what actually ran)."""
@@ -818,7 +827,7 @@ class CommitWorker:
         may_make_way = may_make_way and writes
         async_ran = 0
         try:
-            self._db.begin("BEGIN IMMEDIATE" if writes else "BEGIN")
+            self._begin(writes, inline=inline)
             ran = 0
             while ran < len(items):
                 if (
@@ -845,6 +854,45 @@ class CommitWorker:
         except BaseException:
             _end_transaction(raw)
             raise
+
+    def _begin(self, writes: bool, *, inline: bool) -> None:
+        """Begin a transaction with the locks it needs: the write lock for ``writes``, and
+        a read snapshot either way (so that no later statement meets a lock).
+
+        The connection waits for no other connection's lock (its ``busy_timeout`` is 0):
+        an ``inline`` begin fails at once, and the caller queues the operation. The
+        commit thread waits, up to ``busy_timeout``, with pauses as SQLite's own busy
+        handler takes, but lets go of the connection during each pause: a caller that
+        found it idle and is about to take it (a plain thread, the event loop) then
+        waits for one attempt, not for the whole wait.
+        """
+        raw = self._db.raw
+        sql = "BEGIN IMMEDIATE" if writes else "BEGIN"
+        deadline: float | None = None
+        pauses = iter(_LOCK_PAUSES)
+        while True:
+            try:
+                self._db.begin(sql)
+                if not writes:
+                    raw.execute("PRAGMA schema_version")  # takes the read snapshot now
+                return
+            except sqlite3.OperationalError as exc:
+                _end_transaction(raw)
+                if inline or not _met_lock(exc):
+                    raise
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self._patience
+                if now >= deadline:
+                    raise
+                pause = min(next(pauses, _LOCK_PAUSES[-1]), deadline - now)
+            # The commit thread holds the connection lock here (see _run); no transaction
+            # is open, so another thread may use the connection meanwhile.
+            self._connection_lock.release()
+            try:
+                time.sleep(pause)
+            finally:
+                self._connection_lock.acquire()
 
     def _run_next(self, items: list[_Queued[Any]], at: int, most: int) -> int:
         """Run ``items[at]``, and with it the operations right after it that can run
@@ -874,6 +922,10 @@ class CommitWorker:
         except BackgroundTaskError as exc:
             item.outcome = (False, exc)
 
+
+#: Seconds between the commit thread's tries for another connection's lock: those of
+#: SQLite's own busy handler, the last one repeated.
+_LOCK_PAUSES = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 
 #: Loop classes known to schedule every callback through ``BaseEventLoop._ready``.
 _STOCK_LOOPS: frozenset[type] = frozenset(
