@@ -291,3 +291,81 @@ async def test_reads_do_not_wait_for_another_processs_write_lock(db_path: Path) 
         assert handler.pending_queue.size == 1
         assert time.monotonic() - started < MAX_STALL
     await handler.aclose()
+
+
+def log_queue_changes(path: Path) -> sqlite3.Connection:
+    """Record every change to the pending queue in a table ``changes``, in commit order
+    (write transactions are serialized, so rowids follow commits)."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.executescript(
+        """
+        CREATE TABLE changes (id INTEGER PRIMARY KEY, change TEXT);
+        CREATE TRIGGER log_insert AFTER INSERT ON pending_queue
+            BEGIN INSERT INTO changes (change) VALUES ('queued ' || NEW.task_id); END;
+        CREATE TRIGGER log_delete AFTER DELETE ON pending_queue
+            BEGIN INSERT INTO changes (change) VALUES ('removed ' || OLD.task_id); END;
+        CREATE TRIGGER log_claim AFTER UPDATE OF claimed_by ON pending_queue
+            WHEN NEW.claimed_by IS NOT NULL
+            BEGIN INSERT INTO changes (change) VALUES ('claimed ' || NEW.task_id); END;
+        """
+    )
+    return connection
+
+
+def changes(connection: sqlite3.Connection) -> list[str]:
+    return [row[0] for row in connection.execute("SELECT change FROM changes ORDER BY id")]
+
+
+async def test_a_later_write_does_not_commit_while_an_earlier_one_waits_for_the_lock(
+    db_path: Path,
+) -> None:
+    # While the commit thread waits for another process's lock it lets go of the
+    # connection between tries; a write called later must still not commit in such a
+    # pause, before the earlier one. Here the earlier write is restore_pending()'s
+    # closing removal (a write that must run to its end), the later one a lone
+    # handle_result: neither is counted among the loop's staged writes.
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    for task_id in ("t1", "t2"):
+        handler.submit(task_id, "run")
+    await handler.handle_result("t1", 1, is_main_running=False)
+    log = log_queue_changes(db_path)
+    locks: list[WriteLock] = []
+
+    async def restore() -> None:
+        async with handler.restore_pending() as results:
+            assert [task.task_id for task in results] == ["t1"]
+            locks.append(WriteLock(db_path))  # taken before the block's removal commits
+
+    restoring = asyncio.ensure_future(restore())
+    while not locks:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.4)  # the removal waits on the commit thread, between tries
+    locks[0].release()
+    await handler.handle_result("t2", 2, is_main_running=False)  # called later
+    await restoring
+    assert [change for change in changes(log) if not change.startswith("claimed")] == [
+        "removed t1",
+        "queued t2",
+    ]
+    log.close()
+    await handler.aclose()
+
+
+async def test_a_drain_does_not_claim_before_an_earlier_write_waiting_for_the_lock(
+    db_path: Path,
+) -> None:
+    handler = BackgroundTaskHandler(database=db_path, busy_timeout=BUSY_TIMEOUT)
+    for task_id in ("t1", "t2"):
+        handler.submit(task_id, "run")
+    await handler.handle_result("t1", 1, is_main_running=False)
+    log = log_queue_changes(db_path)
+    with write_lock_held(db_path) as lock:
+        earlier = asyncio.ensure_future(handler.handle_result("t2", 2, is_main_running=False))
+        await asyncio.sleep(0.4)  # it waits on the commit thread, between tries
+        lock.release()
+        drained = [task.task_id async for task in handler.drain_pending()]  # called later
+    await earlier
+    assert changes(log)[:2] == ["queued t2", "claimed t1"]
+    assert "t1" in drained
+    log.close()
+    await handler.aclose()

@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import itertools
 import logging
 import os
 import queue
@@ -104,7 +105,7 @@ _OPEN_WORKERS: weakref.WeakSet[CommitWorker] = weakref.WeakSet()
 
 #: Seconds a fork waits, for all workers together, for transactions under way (a long
 #: commit; the commit thread waits for another process's lock between transactions, see
-#: ``CommitWorker._begin``) before it goes ahead anyway.
+#: ``CommitWorker._begin_when_free``) before it goes ahead anyway.
 FORK_WAIT = 5.0
 
 
@@ -193,6 +194,10 @@ class _Inline(enum.Enum):
     RAN = "ran"  #: it ran (its ``outcome`` is set)
     BUSY = "busy"  #: the connection is in use in this process: nothing ran
     LOCKED = "locked"  #: another connection holds a lock it needs: nothing ran
+
+
+#: The members as plain names: reading an Enum member costs ~4x a global (per call).
+_RAN, _BUSY, _LOCKED = _Inline.RAN, _Inline.BUSY, _Inline.LOCKED
 
 
 class _LockedElsewhere(Exception):
@@ -347,6 +352,7 @@ class CommitWorker:
         self._queue: deque[_Queued[Any]] = deque()
         self._signals: queue.SimpleQueue[None] = queue.SimpleQueue()  # one per enqueue
         self._connection_lock = threading.Lock()  # whoever runs a transaction holds it
+        self._batch_taken = False  # the commit thread holds a batch it has not finished
         self._closed = False
         self._forked = False  # this is a forked child's copy (see the module docstring)
         #: Durable async writes made during the current turn of each event loop, handed
@@ -366,7 +372,7 @@ class CommitWorker:
         self._db = Db(self._pooled.driver_connection)  # type: ignore[arg-type]
         #: How long (seconds) the commit thread waits for another connection's lock: the
         #: connection's ``busy_timeout`` as the engine set it up. The connection itself
-        #: waits for nothing (see :meth:`_begin`).
+        #: waits for nothing (see :meth:`_begin_when_free`).
         self._patience: float = self._db.raw.execute("PRAGMA busy_timeout").fetchone()[0] / 1000
         self._db.raw.execute("PRAGMA busy_timeout=0")
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -470,17 +476,22 @@ class CommitWorker:
         The lock is taken by a ``with``, which a KeyboardInterrupt cannot split from its
         release (an ``acquire`` followed by ``try`` can be, leaving it held for good); in
         the rare case another thread takes it between the look and the ``with``, this
-        call waits for that transaction and then runs.
+        call waits for that transaction (or for one of its tries for another process's
+        lock) and then runs.
         """
-        if self._urgent or self._queue or self._connection_lock.locked():
-            return _Inline.BUSY
+        # The queues first, then _batch_taken: the commit thread sets it before it empties
+        # them, so an operation queued before this call is seen in one or the other (and
+        # this call does not commit before it, even while the commit thread lets go of
+        # the connection between tries for another process's lock).
+        if self._urgent or self._queue or self._batch_taken or self._connection_lock.locked():
+            return _BUSY
         with self._connection_lock:
             self.refuse_if_closed()
             try:
                 self._execute([item], inline=True)
             except _LockedElsewhere:
-                return _Inline.LOCKED
-            return _Inline.RAN
+                return _LOCKED
+            return _RAN
 
     def _read_aside(self, run: Operation[T], *, wait: bool = False) -> _Queued[T] | None:
         """Run the read ``run`` on a second connection while the main one is busy.
@@ -531,9 +542,9 @@ class CommitWorker:
         runs there then). None when it has to be queued."""
         item: _Queued[T] = _Queued(run, writes, relaxed)
         ran = self._run_inline(item)
-        if ran is _Inline.RAN:
+        if ran is _RAN:
             return item
-        if not writes and (blocking or ran is _Inline.BUSY):
+        if not writes and (blocking or ran is _BUSY):
             return self._read_aside(run, wait=blocking)
         return None
 
@@ -624,7 +635,7 @@ class CommitWorker:
             # Inline only if no earlier async write is still on its way: a later call
             # must not commit (and queue its result) before an earlier one.
             lone = len(staged) == 1 and self._async_writes == 1
-            if lone and self._run_inline(staged[0]) is _Inline.RAN:
+            if lone and self._run_inline(staged[0]) is _RAN:
                 _settle(staged)
                 return
             self._enqueue_all(staged)
@@ -705,6 +716,8 @@ class CommitWorker:
                     signals.get_nowait()
                 with self._lock:
                     if self._urgent or self._queue:
+                        # Set before the queues empty (see _run_inline).
+                        self._batch_taken = True
                         batch = self._take_batch()
                     elif self._closed:
                         return
@@ -713,8 +726,11 @@ class CommitWorker:
                 if batch is None:
                     signals.get()
                     continue
-                with self._connection_lock:
-                    done = self._execute(batch)
+                try:
+                    with self._connection_lock:
+                        done = self._execute(batch)
+                finally:
+                    self._batch_taken = False
                 _deliver(done)
                 del batch, done  # let the finished operations (and what they hold) go
         finally:
@@ -797,7 +813,7 @@ class CommitWorker:
             if not isinstance(exc, Exception):
                 raise
             if inline and _met_lock(exc):
-                # Met at the BEGIN (see _begin), before the operation has done anything:
+                # Met at the BEGIN (see above), before the operation has done anything:
                 # the commit thread can run it from the start.
                 raise _LockedElsewhere from exc
             if len(items) == 1 or isinstance(exc, sqlite3.OperationalError):
@@ -827,7 +843,20 @@ class CommitWorker:
         may_make_way = may_make_way and writes
         async_ran = 0
         try:
-            self._begin(writes, inline=inline)
+            # Begin with the locks the transaction needs: the write lock for writes, and a
+            # read snapshot either way (so that no later statement meets a lock). The
+            # connection waits for no other connection's lock (its busy_timeout is 0): an
+            # inline begin fails at once, and its caller queues the operation; the commit
+            # thread waits (see _begin_when_free).
+            try:
+                self._db.begin("BEGIN IMMEDIATE" if writes else "BEGIN")
+                if not writes:
+                    raw.execute("PRAGMA schema_version")  # takes the read snapshot now
+            except sqlite3.OperationalError as exc:
+                if inline or not _met_lock(exc):
+                    raise
+                _end_transaction(raw)
+                self._begin_when_free(writes)
             ran = 0
             while ran < len(items):
                 if (
@@ -855,44 +884,35 @@ class CommitWorker:
             _end_transaction(raw)
             raise
 
-    def _begin(self, writes: bool, *, inline: bool) -> None:
-        """Begin a transaction with the locks it needs: the write lock for ``writes``, and
-        a read snapshot either way (so that no later statement meets a lock).
+    def _begin_when_free(self, writes: bool) -> None:
+        """On the commit thread: try to begin until another connection lets go of the
+        lock, up to ``busy_timeout``, with the pauses SQLite's own busy handler takes.
 
-        The connection waits for no other connection's lock (its ``busy_timeout`` is 0):
-        an ``inline`` begin fails at once, and the caller queues the operation. The
-        commit thread waits, up to ``busy_timeout``, with pauses as SQLite's own busy
-        handler takes, but lets go of the connection during each pause: a caller that
-        found it idle and is about to take it (a plain thread, the event loop) then
-        waits for one attempt, not for the whole wait.
+        The connection is let go during each pause: a caller that found it idle and is
+        about to take it (a plain thread, the event loop) waits for one try, not for the
+        whole wait, and a fork need not wait for it.
         """
         raw = self._db.raw
-        sql = "BEGIN IMMEDIATE" if writes else "BEGIN"
-        deadline: float | None = None
-        pauses = iter(_LOCK_PAUSES)
-        while True:
+        deadline = time.monotonic() + self._patience
+        for pause in itertools.chain(_LOCK_PAUSES, itertools.repeat(_LOCK_PAUSES[-1])):
+            left = deadline - time.monotonic()
+            if left > 0:
+                # The commit thread holds the connection lock here (see _run); no
+                # transaction is open, so another thread may use the connection meanwhile.
+                self._connection_lock.release()
+                try:
+                    time.sleep(min(pause, left))
+                finally:
+                    self._connection_lock.acquire()
             try:
-                self._db.begin(sql)
+                self._db.begin("BEGIN IMMEDIATE" if writes else "BEGIN")
                 if not writes:
-                    raw.execute("PRAGMA schema_version")  # takes the read snapshot now
+                    raw.execute("PRAGMA schema_version")
                 return
             except sqlite3.OperationalError as exc:
                 _end_transaction(raw)
-                if inline or not _met_lock(exc):
+                if left <= 0 or not _met_lock(exc):
                     raise
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self._patience
-                if now >= deadline:
-                    raise
-                pause = min(next(pauses, _LOCK_PAUSES[-1]), deadline - now)
-            # The commit thread holds the connection lock here (see _run); no transaction
-            # is open, so another thread may use the connection meanwhile.
-            self._connection_lock.release()
-            try:
-                time.sleep(pause)
-            finally:
-                self._connection_lock.acquire()
 
     def _run_next(self, items: list[_Queued[Any]], at: int, most: int) -> int:
         """Run ``items[at]``, and with it the operations right after it that can run
